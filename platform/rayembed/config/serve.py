@@ -1,0 +1,14 @@
+"""The ``serve`` section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rayembed.config.base import ConfigError, option  # noqa: F401
+
+
+@dataclass
+class ServeConfig:
+    """Settings for the serve stage."""
+
+    output_dir: str | None = option(None, "Where this stage writes. Empty: <run_dir>/serve.")

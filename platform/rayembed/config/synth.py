@@ -1,0 +1,14 @@
+"""The ``synth`` section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rayembed.config.base import ConfigError, option  # noqa: F401
+
+
+@dataclass
+class SynthConfig:
+    """Settings for the synth stage."""
+
+    output_dir: str | None = option(None, "Where this stage writes. Empty: <run_dir>/synth.")

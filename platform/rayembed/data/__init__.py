@@ -1,0 +1,1 @@
+"""Training data: the unified schema, public-dataset loaders, mining, mixing and streaming."""
