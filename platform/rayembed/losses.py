@@ -1,0 +1,86 @@
+"""InfoNCE over in-batch and hard negatives, optionally gathered across workers.
+
+What it optimises: for query i, the softmax over cosine similarities (divided by a temperature
+tau) to every document in the pool must put its mass on document i, its positive:
+
+    loss = -1/B * sum_i log( exp(s(q_i, d_i+)/tau) / sum_j exp(s(q_i, d_j)/tau) )
+
+The pool is this batch's positives, then its hard negatives, and, with a gather, every other
+worker's positives and negatives too: the E5 recipe's large negative pool. Gradient accumulation
+does not enlarge the pool; the gather (and GradCache chunking in training) does.
+
+Example::
+
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)       # (B, D) queries
+    d = torch.nn.functional.normalize(torch.randn(8, 8), dim=-1)       # (B*(1+1), D): 4 pos, 4 neg
+    loss = info_nce(q, d, tau=0.02)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+GatherFn = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def gather_documents(d: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All workers' documents, (sum_w M_w, D), and where this worker's block starts.
+
+    This worker's slice keeps its autograd graph; the others arrive as constants. Each worker's
+    loss thus trains its own encoder pass, and data-parallel gradient averaging combines them.
+    Workers may hold different numbers of documents (a short last batch).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return d, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([d.shape[0]], device=d.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    padded = torch.zeros((longest, d.shape[1]), device=d.device, dtype=d.dtype)  # (M_max, D)
+    padded[: d.shape[0]] = d.detach()
+    blocks = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(blocks, padded)
+    parts = [blocks[w][: counts[w]] for w in range(world)]
+    parts[rank] = d  # keep the graph for our own documents
+    return torch.cat(parts, dim=0), sum(counts[:rank])  # (sum M_w, D)
+
+
+def info_nce(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    tau: float = 0.02,
+    gather: bool | GatherFn | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """InfoNCE loss.
+
+    Args:
+        q: (B, D) query embeddings, L2-normalised.
+        d: (M, D) document embeddings, M >= B; rows 0..B-1 are the positives of queries
+           0..B-1, the rest (hard negatives) follow in any order.
+        tau: temperature; the paper uses 0.02.
+        gather: None/False: this worker's documents only. True: gather across the
+           torch.distributed group (no-op when it is not initialised). A callable
+           ``d -> (all_docs, offset)``: custom gather (offset = where ``d`` starts).
+    """
+    if q.ndim != 2 or d.ndim != 2 or q.shape[1] != d.shape[1]:
+        raise ValueError(f"info_nce expects q (B, D) and d (M, D) with equal D; got {tuple(q.shape)} and {tuple(d.shape)}.")
+    if d.shape[0] < q.shape[0]:
+        raise ValueError(f"info_nce needs at least one document per query: {q.shape[0]} queries, {d.shape[0]} documents.")
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}.")
+    offset = 0
+    if gather is True:
+        d, offset = gather_documents(d)
+    elif callable(gather):
+        d, offset = gather(d)
+    scores = q @ d.T / tau  # (B, M_total)
+    labels = torch.arange(q.shape[0], device=q.device) + offset  # (B,)
+    return F.cross_entropy(scores.float(), labels, reduction=reduction)

@@ -1,0 +1,1 @@
+"""Models: the one embedder format shared by training, indexing, serving and evaluation."""

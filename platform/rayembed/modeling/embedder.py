@@ -1,0 +1,506 @@
+"""The Embedder: text in, L2-normalised float32 vectors out, the same way in every stage.
+
+A saved embedder is a folder::
+
+    embedder_config.json      pooling, normalisation, max length, query template, attention
+                              mode, padding side, EOS handling, base model identity
+    model.safetensors + config.json          (weights: full)
+    adapter_model.safetensors + adapter_config.json   (weights: lora; base_model names the base)
+    tokenizer files
+
+Training, indexing, serving and evaluation all load it with :meth:`Embedder.from_pretrained`,
+so their embeddings cannot silently disagree.
+
+Example::
+
+    emb = Embedder.from_pretrained("tiny-llama")
+    q = emb.encode(["how do planes fly"], instruction="Given a question, retrieve answers")
+    d = emb.encode(["Lift comes from the wings."])
+    score = q @ d.T                                        # cosine similarity
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from rayembed.config.model import DEFAULT_QUERY_TEMPLATE, LoRAConfig, ModelConfig
+from rayembed.modeling import backbones
+from rayembed.modeling.bidirectional import check_supported, enable_bidirectional
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "embedder_config.json"
+FORMAT_VERSION = 1
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+
+
+@dataclass
+class EmbedderConfig:
+    """What ``embedder_config.json`` holds: everything needed to embed exactly as in training."""
+
+    base_model: str
+    model_type: str
+    is_decoder: bool
+    pooling: str = "last"
+    normalize: bool = True
+    max_length: int = 512
+    query_template: str = DEFAULT_QUERY_TEMPLATE
+    attention: str = "causal"
+    padding_side: str = "left"
+    append_eos: bool = True
+    weights: str = "full"  # full | lora
+    dim: int | None = None
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EmbedderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not '{dtype}'.") from None
+
+
+class Embedder(torch.nn.Module):
+    """A backbone plus pooling. ``forward`` is differentiable; ``encode`` is for inference."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: EmbedderConfig, source: str | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.source = source  # the folder this was loaded from, if any
+        self._warned_truncation = False
+        if config.attention == "bidirectional":
+            enable_bidirectional(self.model, config.model_type)
+        if config.append_eos and tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"Tokenizer of '{config.base_model}' has no EOS token, but last-token pooling needs one. "
+                "Set the tokenizer's eos_token, or use pooling=mean."
+            )
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if config.dim is None:
+            config.dim = int(self._hidden_size())
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "Embedder":
+        """Build from the ``model`` config section (LoRA added when ``cfg.lora.enabled``)."""
+        return cls.from_pretrained(
+            cfg.name_or_path,
+            gguf_file=cfg.gguf_file,
+            pooling=None if cfg.pooling == "auto" else cfg.pooling,
+            normalize=cfg.normalize,
+            max_length=cfg.max_length,
+            query_template=cfg.query_template,
+            attention=cfg.attention,
+            padding_side=cfg.padding_side,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            trust_remote_code=cfg.trust_remote_code,
+            lora=cfg.lora if cfg.lora.enabled else None,
+            cache=cfg.cache_dir,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        gguf_file: str | None = None,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        max_length: int | None = None,
+        query_template: str | None = None,
+        attention: str | None = None,
+        padding_side: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        lora: LoRAConfig | None = None,
+        cache: str | None = None,
+    ) -> "Embedder":
+        """Load a saved embedder folder, a HF folder or hub id, a GGUF file, or a registered name.
+
+        Keyword arguments override what a saved ``embedder_config.json`` says (use with care:
+        an index built with one max length and queried with another still works, but pooling
+        or attention changes make vectors incomparable).
+        """
+        name = str(name_or_path)
+        dev = _pick_device(device)
+        torch_dtype = _pick_dtype(dtype, dev)
+        path = Path(name)
+        saved = path / CONFIG_NAME
+        if path.exists() and path.is_dir() and not saved.exists() and not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"'{path}' is a folder but holds neither {CONFIG_NAME} (a saved rayembed embedder) nor "
+                "config.json (a Hugging Face model). Point model.name_or_path at a saved embedder."
+            )
+        if saved.exists():
+            ecfg = EmbedderConfig.from_dict(json.loads(saved.read_text()))
+            model, tok = _load_saved(path, ecfg, torch_dtype, trust_remote_code, cache)
+            source = str(path.resolve())
+        else:
+            model, tok, ecfg = _load_backbone(name, gguf_file, torch_dtype, trust_remote_code, cache)
+            source = str(path.resolve()) if path.exists() else None
+        overrides = dict(
+            pooling=pooling, normalize=normalize, max_length=max_length, query_template=query_template,
+            attention=attention, padding_side=padding_side,
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(ecfg, key, value)
+        if ecfg.pooling not in ("last", "mean", "weighted_mean", "cls"):
+            raise ValueError(f"pooling must be last, mean, weighted_mean or cls, not '{ecfg.pooling}'.")
+        if ecfg.attention == "bidirectional":
+            check_supported(ecfg.model_type)
+        tok.padding_side = ecfg.padding_side
+        model.to(dev)
+        model.eval()
+        emb = cls(model, tok, ecfg, source=source)
+        if lora is not None:
+            emb.add_lora(lora)
+        return emb
+
+    # ------------------------------------------------------------------ LoRA
+
+    def add_lora(self, lora: LoRAConfig) -> "Embedder":
+        """Wrap the backbone in a peft LoRA adapter; only adapter weights stay trainable."""
+        from peft import LoraConfig, get_peft_model
+
+        targets: Any = lora.target_modules
+        if list(targets) == ["all-linear"]:
+            targets = "all-linear"
+        peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+        self.model = get_peft_model(self.model, peft_cfg)
+        self.config.weights = "lora"
+        if self.config.attention == "bidirectional":
+            enable_bidirectional(self.model, self.config.model_type)
+        return self
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    def merge_lora(self) -> "Embedder":
+        """Fold the adapter into the base weights (the result saves as full weights)."""
+        if self.is_peft:
+            self.model = self.model.merge_and_unload()
+            self.config.weights = "full"
+        return self
+
+    # ------------------------------------------------------------------ text -> ids
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.config.dim)
+
+    def _hidden_size(self) -> int:
+        cfg = self._base_config()
+        return getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model")
+
+    def _base_config(self):
+        model = self.model
+        if self.is_peft:
+            model = model.get_base_model()
+        return model.config
+
+    def format_query(self, text: str, instruction: str) -> str:
+        return self.config.query_template.format(instruction=instruction, text=text)
+
+    @staticmethod
+    def _check_texts(texts: str | Sequence[str]) -> list[str]:
+        if isinstance(texts, str):
+            return [texts]
+        if not isinstance(texts, (list, tuple)) and not hasattr(texts, "__iter__"):
+            raise TypeError(f"Expected a string or a list of strings, got {type(texts).__name__}.")
+        out = list(texts)
+        for i, t in enumerate(out):
+            if not isinstance(t, str):
+                raise TypeError(
+                    f"Text {i} is a {type(t).__name__}, not a string: {t!r:.80}. Convert it with str() or drop it."
+                )
+        return out
+
+    def tokenize_ids(self, texts: str | Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids per text, unpadded. Decoders get exactly one trailing EOS, always.
+
+        Truncation keeps room for the EOS. Some tokenizers add EOS themselves and some
+        releases stopped doing so: trailing EOS tokens are stripped and one is appended.
+        """
+        texts = self._check_texts(texts)
+        limit = int(max_length or self.config.max_length)
+        empty = sum(1 for t in texts if not t.strip())
+        if empty:
+            logger.warning("%d of %d texts are empty; they are embedded as empty input.", empty, len(texts))
+        if not self.config.append_eos:
+            enc = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=limit)["input_ids"]
+            return [list(x) for x in enc]
+        eos = self.tokenizer.eos_token_id
+        enc = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        out, truncated = [], 0
+        for ids in enc:
+            ids = list(ids)
+            while ids and ids[-1] == eos:
+                ids.pop()
+            if len(ids) > limit - 1:
+                ids = ids[: limit - 1]
+                truncated += 1
+            ids.append(eos)
+            out.append(ids)
+        if truncated and not self._warned_truncation:
+            logger.warning("%d of %d texts were truncated to %d tokens.", truncated, len(texts), limit)
+            self._warned_truncation = True
+        return out
+
+    def pad(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Pad id lists on the configured side into ``input_ids`` and ``attention_mask``."""
+        pad_id = self.tokenizer.pad_token_id
+        longest = max((len(x) for x in batch_ids), default=1)
+        ids = torch.full((len(batch_ids), longest), pad_id, dtype=torch.long)  # (B, L)
+        mask = torch.zeros((len(batch_ids), longest), dtype=torch.long)  # (B, L)
+        for i, row in enumerate(batch_ids):
+            n = len(row)
+            if self.config.padding_side == "left":
+                ids[i, longest - n :] = torch.tensor(row, dtype=torch.long)
+                mask[i, longest - n :] = 1
+            else:
+                ids[i, :n] = torch.tensor(row, dtype=torch.long)
+                mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def tokenize(self, texts: str | Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        return self.pad(self.tokenize_ids(texts, max_length))
+
+    # ------------------------------------------------------------------ ids -> vectors
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if self.config.attention == "bidirectional":
+            kwargs["is_causal"] = False
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.to(hidden.dtype)  # (B, L)
+        if self.config.pooling == "last":
+            # Index of the last real token: correct under left and right padding alike.
+            positions = torch.arange(mask.shape[1], device=mask.device)  # (L,)
+            last = (attention_mask * positions).argmax(dim=1)  # (B,)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        elif self.config.pooling == "mean":
+            pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, H)
+        elif self.config.pooling == "weighted_mean":
+            # Later positions weigh more (SGPT): they have seen more of a causal input.
+            weights = mask.cumsum(dim=1) * mask  # (B, L)
+            pooled = (hidden * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        else:  # cls: first real token
+            first = attention_mask.argmax(dim=1)  # (B,)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), first]  # (B, H)
+        return pooled
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Differentiable embeddings, (B, D), in float32."""
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, L, H)
+        pooled = self.pool(hidden, attention_mask).float()  # (B, H)
+        if self.config.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        return pooled
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        *,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
+        """Embed texts; with ``instruction`` they are formatted as queries. Returns (n, dim) float32.
+
+        Inputs are sorted by token length so batches carry little padding; results come back
+        in input order.
+        """
+        texts = self._check_texts(texts)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if instruction is not None:
+            texts = [self.format_query(t, instruction) for t in texts]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.tokenize_ids(texts, max_length)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        if show_progress is None:
+            show_progress = len(texts) >= 20 * batch_size and logger.isEnabledFor(logging.INFO)
+        starts = range(0, len(texts), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="encode", unit="batch", total=len(starts))
+        was_training = self.model.training
+        self.model.eval()
+        device = self.device
+        try:
+            with torch.inference_mode():
+                for start in starts:
+                    idx = order[start : start + batch_size]
+                    batch = self.pad([ids[i] for i in idx])
+                    vecs = self.forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                    out[idx] = vecs.cpu().numpy()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def encode_queries(self, texts: str | Sequence[str], instruction: str | None, **kw: Any) -> np.ndarray:
+        return self.encode(texts, instruction=instruction, **kw)
+
+    def encode_documents(self, texts: str | Sequence[str], instruction: str | None = None, **kw: Any) -> np.ndarray:
+        """Documents get no instruction, except in symmetric tasks (pass it then)."""
+        return self.encode(texts, instruction=instruction, **kw)
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, path: str | os.PathLike, *, merge_lora: bool = False) -> Path:
+        """Write the folder format described in the module docstring (atomically, as a whole)."""
+        from rayembed.io import atomic_write_json
+
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        cfg = dataclasses.replace(self.config)
+        model = self.model
+        if self.is_peft and merge_lora:
+            import copy
+
+            model = copy.deepcopy(self.model).merge_and_unload()
+        if self.is_peft and not merge_lora:
+            model.save_pretrained(tmp)
+            cfg.weights = "lora"
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            cfg.weights = "full"
+            cfg.base_model = self.config.base_model
+        self.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / CONFIG_NAME, dataclasses.asdict(cfg))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        self.source = str(target.resolve())
+        return target
+
+    def identity(self) -> dict[str, Any]:
+        """Path and hashes of the config and weights: what an index records about its embedder."""
+        cfg_bytes = json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode()
+        ident: dict[str, Any] = {"path": self.source, "base_model": self.config.base_model}
+        folder = Path(self.source) if self.source else None
+        if folder and (folder / CONFIG_NAME).exists():
+            from rayembed.io import sha256_file
+
+            ident["config_sha256"] = sha256_file(folder / CONFIG_NAME)
+            weights = [folder / w for w in WEIGHT_FILES if (folder / w).exists()]
+            h = hashlib.sha256()
+            for w in weights:
+                h.update(sha256_file(w).encode())
+            ident["weights_sha256"] = h.hexdigest()
+        else:
+            ident["config_sha256"] = hashlib.sha256(cfg_bytes).hexdigest()
+            h = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().float().cpu().numpy().tobytes())
+            ident["weights_sha256"] = h.hexdigest()
+        return ident
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def _auto_model(path: Path | str, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _load_backbone(name: str, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool, cache: str | None):
+    """A fresh backbone (not a saved embedder) and the default embedder settings for it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if name in backbones.TINY_NAMES:
+        model, tok = backbones.build_tiny(name)
+        model.to(dtype)
+        decoder = name != "tiny-bert"
+        ecfg = EmbedderConfig(
+            base_model=name, model_type=model.config.model_type, is_decoder=decoder,
+            pooling="last" if decoder else "mean", append_eos=decoder,
+            padding_side="left" if decoder else "right", max_length=512,
+        )
+        return model, tok, ecfg
+    where = backbones.resolve_checkpoint(name, gguf_file=gguf_file, cache=cache)
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        model = _auto_model(where, dtype, trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"Could not load model '{name}': {e}. Give a saved embedder folder, a Hugging Face folder, "
+            f"a hub id (needs network), or one of: {', '.join(backbones.registered_names())}."
+        ) from e
+    decoder = backbones.is_decoder_config(config)
+    ecfg = EmbedderConfig(
+        base_model=name if gguf_file is None else f"{name}::{gguf_file}",
+        model_type=config.model_type, is_decoder=decoder,
+        pooling="last" if decoder else "mean", append_eos=decoder,
+        padding_side="left" if decoder else "right",
+        max_length=512,
+    )
+    if isinstance(where, Path):
+        for k, v in backbones.sentence_transformers_settings(where).items():
+            setattr(ecfg, k, v)
+    return model, tok, ecfg
+
+
+def _load_saved(path: Path, ecfg: EmbedderConfig, dtype: torch.dtype, trust_remote_code: bool, cache: str | None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if ecfg.weights == "lora":
+        from peft import PeftModel
+
+        base_name, _, gguf = ecfg.base_model.partition("::")
+        base, _, _ = _load_backbone(base_name, gguf or None, dtype, trust_remote_code, cache)
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = _auto_model(path, dtype, trust_remote_code)
+    return model, tok
