@@ -1,0 +1,1 @@
+"""One module per public training set; importing a module registers its dataset."""

@@ -1,0 +1,22 @@
+"""MS MARCO document ranking, in its official TSV release.
+
+Offline layout: ``msmarco-docs.tsv`` (docid, url, title, body), ``msmarco-doctrain-queries.tsv``
+(qid, query), ``msmarco-doctrain-qrels.tsv`` (qid, 0, docid, 1). The document text is its
+title and body.
+"""
+
+from rayembed.data.public.msmarco_passage import read_marco
+from rayembed.data.registry import PublicDataset, register
+
+DATASET = register(PublicDataset(
+    name="msmarco-document",
+    instruction="Given a web search query, retrieve relevant documents that answer the query",
+    ratio=0.2,
+    read_offline=lambda path, bad, **kw: read_marco(
+        DATASET, path, bad, ("msmarco-docs.tsv",), ("msmarco-doctrain-queries.tsv",),
+        ("msmarco-doctrain-qrels.tsv",), (2, 3), **kw),
+    layout="msmarco-docs.tsv, msmarco-doctrain-queries.tsv, msmarco-doctrain-qrels.tsv",
+    hub_id="microsoft/ms_marco",
+    hub_config="v2.1",
+    hub_columns={"query": "query", "positive": "passages"},
+))
