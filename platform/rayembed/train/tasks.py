@@ -1,0 +1,319 @@
+"""Training modes on one machinery: supervised contrastive (E5), unsupervised SimCSE, MNTP.
+
+A task owns the trainable ``model`` (an ``nn.Module`` handed to the engine), computes one
+step's loss and backward from a stream batch, and exports the result as a saved embedder.
+
+- :class:`ContrastiveTask` (``train.mode=contrastive``): InfoNCE of instructed queries against
+  positives, hard negatives and, through the gather, every worker's documents.
+- :class:`SimCSETask` (``simcse``, LLM2Vec step 3): each document goes through twice with
+  dropout; the two views are each other's positives, the rest of the global batch negatives.
+- :class:`MNTPTask` (``mntp``, LLM2Vec step 2): bidirectional attention, a fraction of tokens
+  replaced by the mask token, and token i predicted from the output at position i-1 (the
+  decoder's LM head keeps its next-token alignment). Exported merged, bidirectional, mean
+  pooled: the starting point for SimCSE or supervised training (``model.name_or_path`` = it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayembed.losses import info_nce
+from rayembed.train.gradcache import gradcache_step
+
+logger = logging.getLogger(__name__)
+
+
+class MultiEncoder(torch.nn.Module):
+    """Encodes several (ids, mask) groups in ONE forward call.
+
+    DDP expects one forward per backward; queries and documents have different lengths, so
+    they go through the embedder as separate calls inside this single module call.
+    """
+
+    def __init__(self, embedder: torch.nn.Module):
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.embedder(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2))  # (n_g, D)
+
+
+def _set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Attention dropout for SimCSE views (Llama-style decoders read it per module)."""
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "attention_dropout"):
+            cfg.attention_dropout = p
+        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+            module.attention_dropout = p
+        if isinstance(module, torch.nn.Dropout):
+            module.p = max(module.p, p)
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "gradient_checkpointing_enable"):
+        raise ValueError(
+            f"{type(base).__name__} does not support gradient checkpointing; set train.gradient_checkpointing=false."
+        )
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+
+
+def _lora_base_fixup(emb: Any) -> None:
+    """A LoRA adapter trained on a saved full-weight embedder (say, merged MNTP) must name that
+    folder as its base, not the model that folder was once made from."""
+    src = getattr(emb, "source", None)
+    if src and (Path(src) / "embedder_config.json").is_file():
+        emb.config.base_model = str(Path(src).resolve())
+
+
+class ContrastiveTask:
+    """Supervised InfoNCE (E5 recipe) with optional GradCache chunking."""
+
+    num_negatives_in_stream = True
+
+    def __init__(self, cfg: Any, device: torch.device):
+        from rayembed.modeling.embedder import Embedder
+
+        mc, tc = cfg.model, cfg.train
+        self.train = tc
+        self.embedder = Embedder.from_pretrained(
+            mc.name_or_path,
+            gguf_file=mc.gguf_file,
+            pooling=None if mc.pooling == "auto" else mc.pooling,
+            normalize=mc.normalize,
+            max_length=mc.max_length,
+            query_template=mc.query_template,
+            attention=mc.attention,
+            padding_side=mc.padding_side,
+            dtype="float32",  # engines cast (DeepSpeed) or autocast; master weights stay fp32
+            device=str(device),
+            trust_remote_code=mc.trust_remote_code,
+            cache=mc.cache_dir,
+        )
+        _lora_base_fixup(self.embedder)
+        if mc.lora.enabled:
+            self.embedder.add_lora(mc.lora)
+        if tc.mode == "simcse":
+            _set_dropout(self.embedder.model, tc.simcse_dropout)
+        if tc.gradient_checkpointing:
+            _enable_checkpointing(self.embedder.model)
+        self.embedder.train()
+        self.model = MultiEncoder(self.embedder)
+
+    def _groups(self, batch: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (batch["q_input_ids"], batch["q_attention_mask"]),  # (B, Lq)
+            (batch["d_input_ids"], batch["d_attention_mask"]),  # (B*(1+n), Ld)
+        ]
+
+    def _loss(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return info_nce(q, d, tau=self.train.temperature, gather=True)
+
+    def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
+        """Forward and backward of one batch (the engine's step() applies the update)."""
+        groups = self._groups(batch)
+        autocast = getattr(engine, "autocast_dtype", None)
+        ctx = torch.autocast(engine.device.type, dtype=autocast) if autocast else _nullcontext()
+        with ctx:
+            if self.train.chunk_size:
+                loss = gradcache_step(
+                    lambda ids, mask: engine.module(ids, mask)[0],
+                    groups,
+                    self._loss,
+                    self.train.chunk_size,
+                    engine.backward,
+                    engine.accumulate,
+                )
+            else:
+                flat = [t for g in groups for t in g]
+                q, d = engine.module(*flat)  # (B, D), (M, D)
+                loss = self._loss(q, d)
+                engine.backward(loss)
+        docs = groups[1][0].shape[0]
+        return {"loss": float(loss.detach()), "local_docs": docs}
+
+    def export(self, path: Path, merge_lora: bool = False) -> Path:
+        was_training = self.embedder.training
+        self.embedder.eval()
+        out = self.embedder.save_pretrained(path, merge_lora=merge_lora)
+        self.embedder.train(was_training)
+        return out
+
+
+class SimCSETask(ContrastiveTask):
+    """Unsupervised SimCSE: two dropout views of each text are positives for each other."""
+
+    def _groups(self, batch: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        b = batch["q_input_ids"].shape[0]
+        view = (batch["d_input_ids"][:b], batch["d_attention_mask"][:b])  # (B, Ld): the positives
+        return [view, view]
+
+
+class _MNTPModule(torch.nn.Module):
+    """Causal LM with bidirectional attention returning the MNTP loss."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, is_causal=False).logits  # (B, L, V)
+        # Token i is predicted from position i-1: shift the logits right by one.
+        pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(L-1), V)
+        target = labels[:, 1:].reshape(-1)  # (B*(L-1),)
+        if not bool((target != -100).any()):
+            return pred.sum() * 0.0
+        return torch.nn.functional.cross_entropy(pred, target, ignore_index=-100)
+
+
+def mntp_mask(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask_id: int,
+    rate: float,
+    special_ids: set[int],
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``rate`` of the real, non-special tokens that have a real token before them.
+
+    Returns ``(masked_ids, labels)``; labels hold the original id at masked positions and -100
+    elsewhere. At least one token per row is masked when the row has a candidate.
+    """
+    real = attention_mask.bool()  # (B, L)
+    prev_real = torch.zeros_like(real)
+    prev_real[:, 1:] = real[:, :-1]
+    cand = real & prev_real  # (B, L): position i-1 exists, so i can be predicted
+    for sid in special_ids:
+        cand &= input_ids != sid
+    noise = torch.rand(input_ids.shape, generator=generator, device="cpu").to(input_ids.device)  # (B, L)
+    chosen = cand & (noise < rate)
+    # Rows where chance picked nothing: mask their best-scoring candidate so each row teaches.
+    empty = ~chosen.any(dim=1) & cand.any(dim=1)  # (B,)
+    if empty.any():
+        score = torch.where(cand, -noise, torch.full_like(noise, float("inf")))  # lower is better
+        first = score.argmin(dim=1)  # (B,)
+        rows = torch.nonzero(empty).flatten()
+        chosen[rows, first[rows]] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))  # (B, L)
+    masked = torch.where(chosen, torch.full_like(input_ids, mask_id), input_ids)  # (B, L)
+    return masked, labels
+
+
+class MNTPTask:
+    """Masked next-token prediction with bidirectional attention (LLM2Vec step 2)."""
+
+    num_negatives_in_stream = False
+
+    def __init__(self, cfg: Any, device: torch.device):
+        from rayembed.modeling import backbones
+        from rayembed.modeling.bidirectional import enable_bidirectional
+
+        mc, tc = cfg.model, cfg.train
+        self.cfg = cfg
+        self.train = tc
+        name = str(mc.name_or_path)
+        self.base_name = name
+        if name in backbones.TINY_NAMES:
+            lm, tok = backbones.build_tiny(name, causal_lm=True)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            where = backbones.resolve_checkpoint(name, gguf_file=mc.gguf_file, cache=mc.cache_dir)
+            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=mc.trust_remote_code)
+            lm = AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch.float32, trust_remote_code=mc.trust_remote_code
+            )
+        self.model_type = lm.config.model_type
+        enable_bidirectional(lm, self.model_type)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self.tokenizer = tok
+        self.mask_id = self._mask_id(tok, tc.mntp_mask_token)
+        self.special_ids = {i for i in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) if i is not None}
+        if mc.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            targets: Any = mc.lora.target_modules
+            if list(targets) == ["all-linear"]:
+                targets = "all-linear"
+            lm = get_peft_model(
+                lm, LoraConfig(r=mc.lora.r, lora_alpha=mc.lora.alpha, lora_dropout=mc.lora.dropout, target_modules=targets)
+            )
+            enable_bidirectional(lm, self.model_type)
+        if tc.gradient_checkpointing:
+            _enable_checkpointing(lm)
+        lm.to(device)
+        lm.train()
+        self.lm = lm
+        self.model = _MNTPModule(lm)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    @staticmethod
+    def _mask_id(tok: Any, text: str) -> int:
+        if getattr(tok, "mask_token_id", None) is not None:
+            return int(tok.mask_token_id)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"train.mntp_mask_token={text!r} encodes to no token; pick a visible character like '_'.")
+        return int(ids[-1])
+
+    def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
+        b = batch["q_input_ids"].shape[0]
+        ids, mask = batch["d_input_ids"][:b], batch["d_attention_mask"][:b]  # (B, L)
+        masked, labels = mntp_mask(ids, mask, self.mask_id, self.train.mntp_mask_rate, self.special_ids, self.generator)
+        autocast = getattr(engine, "autocast_dtype", None)
+        ctx = torch.autocast(engine.device.type, dtype=autocast) if autocast else _nullcontext()
+        with ctx:
+            loss = engine.module(masked, mask, labels)
+            engine.backward(loss)
+        return {"loss": float(loss.detach()), "masked_tokens": int((labels != -100).sum())}
+
+    def export(self, path: Path, merge_lora: bool = True) -> Path:
+        """Save the encoder (LM head dropped), LoRA merged, bidirectional, mean pooled."""
+        import copy
+
+        from rayembed.modeling.embedder import Embedder, EmbedderConfig
+
+        lm = copy.deepcopy(self.lm)
+        if hasattr(lm, "merge_and_unload"):
+            lm = lm.merge_and_unload()
+        if hasattr(lm, "gradient_checkpointing_disable"):
+            lm.gradient_checkpointing_disable()
+        encoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+        ecfg = EmbedderConfig(
+            base_model=self.base_name,
+            model_type=self.model_type,
+            is_decoder=True,
+            pooling="mean",
+            normalize=True,
+            max_length=self.cfg.model.max_length,
+            query_template=self.cfg.model.query_template,
+            attention="bidirectional",
+            padding_side=self.cfg.model.padding_side,
+            append_eos=True,
+        )
+        emb = Embedder(encoder.eval(), self.tokenizer, ecfg)
+        return emb.save_pretrained(path)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def make_task(cfg: Any, device: torch.device):
+    mode = cfg.train.mode
+    if mode == "mntp":
+        return MNTPTask(cfg, device)
+    if mode == "simcse":
+        return SimCSETask(cfg, device)
+    return ContrastiveTask(cfg, device)

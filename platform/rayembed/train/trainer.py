@@ -1,0 +1,231 @@
+"""Driver side: build the Ray Train ``TorchTrainer`` from config, run it, collect the outputs.
+
+``run_training(cfg, train_paths)`` is the library entry (``rayembed train`` and the demo call
+it). It writes, under ``train.output_dir`` (default ``<run_dir>/train``)::
+
+    config.resolved.yaml   the exact config of this run (secrets redacted)
+    deepspeed.json         the generated DeepSpeed config (deepspeed engine only)
+    model/                 the trained embedder: Embedder.from_pretrained(<this folder>)
+    metrics.jsonl          one line per step: loss, lr, grad norm, data position, timings
+    loss_curve.png         loss and learning rate against step
+    summary.json           final metrics, wall times, checkpoint location
+
+Checkpoints live under ``train.storage_path`` (default ``<output_dir>/ray``), a local folder
+or a pyarrow URI; a re-submitted job with the same ``train.run_name`` resumes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from rayembed.config import ConfigError, RayembedConfig, save_resolved, to_dict
+
+logger = logging.getLogger(__name__)
+
+
+def output_dir(cfg: RayembedConfig) -> Path:
+    return Path(cfg.train.output_dir or Path(cfg.run_dir) / "train")
+
+
+def storage_path(cfg: RayembedConfig) -> str:
+    """Ray Train storage: a URI as given, or an absolute local folder."""
+    sp = cfg.train.storage_path
+    if sp and "://" in sp:
+        return sp
+    return str(Path(sp or output_dir(cfg) / "ray").resolve())
+
+
+def check_config(cfg: RayembedConfig) -> None:
+    """Combinations that cannot work, refused before any worker starts."""
+    tc = cfg.train
+    engine = tc.resolved_engine()
+    precision = tc.resolved_precision()
+    if engine == "deepspeed" and tc.deepspeed.zero_stage == 3 and tc.mode == "mntp" and tc.chunk_size:
+        raise ConfigError("train.chunk_size must be 0 for mntp.")
+    if precision == "fp16" and not tc.use_gpu:
+        raise ConfigError("train.precision=fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16 on CPU.")
+    if engine == "deepspeed" and precision == "fp16" and tc.chunk_size:
+        raise ConfigError(
+            "train.chunk_size (GradCache) cannot combine with DeepSpeed fp16: its dynamic loss scaling "
+            "scales each replayed chunk separately. Use train.precision=bf16, or engine=ddp."
+        )
+    if tc.fail_at_step and tc.fail_at_step <= tc.checkpoint_every:
+        raise ConfigError(
+            f"train.fail_at_step={tc.fail_at_step} must come after the first checkpoint "
+            f"(train.checkpoint_every={tc.checkpoint_every}); otherwise the retry fails again."
+        )
+    if tc.fail_at_step and tc.max_failures == 0:
+        raise ConfigError("train.fail_at_step needs train.max_failures >= 1 to recover.")
+    if tc.mode == "mntp" and cfg.model.attention != "causal" and False:  # pragma: no cover
+        pass
+
+
+def resolve_train_paths(cfg: RayembedConfig, train_paths: Sequence[str | Path] | None) -> list[str]:
+    if train_paths:
+        return [str(p) for p in train_paths]
+    default = getattr(cfg.data, "output_dir", None) or str(Path(cfg.run_dir) / "data")
+    if not Path(default).exists() and "://" not in default:
+        raise FileNotFoundError(
+            f"No training data at '{default}'. Run `rayembed data build` first, or pass the Parquet "
+            "folder to `rayembed train --train-path PATH`."
+        )
+    return [default]
+
+
+def stream_spec(cfg: RayembedConfig, paths: list[str]):
+    from rayembed.data.stream import StreamSpec
+
+    tc = cfg.train
+    return StreamSpec(
+        paths=paths,
+        tokenizer_dir=str(cfg.model.name_or_path),
+        query_max_length=tc.query_max_length,
+        doc_max_length=tc.doc_max_length,
+        num_negatives=tc.num_negatives if tc.mode == "contrastive" else 0,
+        seed=cfg.seed,
+        batch_size=tc.batch_size // tc.num_workers,
+        tokenize_num_cpus=min(0.5, tc.cpus_per_worker),
+    )
+
+
+def build_trainer(cfg: RayembedConfig, train_paths: Sequence[str | Path] | None = None, *, log_level: str = "INFO"):
+    """The configured ``TorchTrainer`` (not started)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rayembed.data.stream import build_train_dataset, train_data_config
+    from rayembed.train.loop import train_loop_per_worker
+
+    check_config(cfg)
+    tc = cfg.train
+    spec = stream_spec(cfg, resolve_train_paths(cfg, train_paths))
+    resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
+    if tc.use_gpu:
+        resources["GPU"] = tc.gpus_per_worker
+    scaling = ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources)
+    run = RunConfig(
+        name=tc.run_name,
+        storage_path=storage_path(cfg),
+        failure_config=FailureConfig(max_failures=tc.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "stream": spec.to_dict(), "log_level": log_level},
+        scaling_config=scaling,
+        run_config=run,
+        datasets={"train": build_train_dataset(spec)},
+        dataset_config=train_data_config(),
+    )
+
+
+def _check_gpus(cfg: RayembedConfig) -> None:
+    import ray
+
+    tc = cfg.train
+    if not tc.use_gpu:
+        return
+    need = tc.num_workers * tc.gpus_per_worker
+    have = ray.cluster_resources().get("GPU", 0)
+    if have < need:
+        raise ConfigError(
+            f"train.use_gpu=true asks for {need:g} GPUs but the Ray cluster has {have:g}. Add GPU nodes, "
+            "lower train.num_workers, or set train.use_gpu=false."
+        )
+
+
+def run_training(
+    cfg: RayembedConfig,
+    train_paths: Sequence[str | Path] | None = None,
+    *,
+    log_level: str = "INFO",
+) -> Path:
+    """Train on Ray Train as configured; return the folder of the saved embedder."""
+    from rayembed.runtime import init_ray
+    from rayembed.train.engine import deepspeed_config
+    from rayembed.io import atomic_write_json
+
+    check_config(cfg)
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out)
+    if cfg.train.resolved_engine() == "deepspeed":
+        atomic_write_json(out / "deepspeed.json", deepspeed_config(cfg.train, cfg.train.num_workers))
+    init_ray(cfg.compute)
+    _check_gpus(cfg)
+    trainer = build_trainer(cfg, train_paths, log_level=log_level)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if result.error is not None:
+        raise RuntimeError(f"Training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("Training finished without a checkpoint; nothing to export.")
+    model_dir = collect_outputs(result, out, wall_s=wall)
+    logger.info("Trained embedder saved to %s (%.1f s)", model_dir, wall)
+    return model_dir
+
+
+def collect_outputs(result: Any, out: Path, *, wall_s: float) -> Path:
+    """Copy the exported model out of the final checkpoint; write metrics, curve and summary."""
+    from rayembed.io import atomic_write_json, atomic_write_text
+    from rayembed.train.loop import MODEL_DIR, STATE_FILE, TrainState
+
+    with result.checkpoint.as_directory() as d:
+        src = Path(d) / MODEL_DIR
+        if not src.is_dir():
+            raise RuntimeError(
+                f"The latest checkpoint ({result.checkpoint.path}) holds no exported model; the run "
+                "stopped before its last step. Re-run with the same train.run_name to resume it."
+            )
+        state = TrainState.from_json((Path(d) / STATE_FILE).read_text())
+        target = out / MODEL_DIR
+        tmp = out / f".{MODEL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    lines = "".join(json.dumps(rec) + "\n" for rec in state.history)
+    atomic_write_text(out / "metrics.jsonl", lines)
+    try:
+        plot_loss_curve(state.history, out / "loss_curve.png")
+    except Exception as e:  # noqa: BLE001 - a missing plot never fails a finished run
+        logger.warning("Could not draw the loss curve: %s", e)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+    atomic_write_json(
+        out / "summary.json",
+        {"metrics": metrics, "wall_s": wall_s, "checkpoint": str(result.checkpoint.path), "model": str(target)},
+    )
+    return target
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path:
+    """Loss (left axis) and learning rate (right axis) per step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rayembed.io import atomic_path
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [h["loss"] for h in history], color="tab:blue", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["lr"] for h in history], color="tab:orange", alpha=0.6, label="lr")
+    ax2.set_ylabel("learning rate")
+    evals = [(h["step"], h["ndcg@10"]) for h in history if "ndcg@10" in h]
+    if evals:
+        ax.set_title("nDCG@10: " + ", ".join(f"{s}: {v:.3f}" for s, v in evals[-4:]))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
