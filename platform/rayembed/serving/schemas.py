@@ -1,0 +1,180 @@
+"""Request and response bodies of the HTTP API, and the JSON error format.
+
+Types are strict: a JSON string where an integer belongs (``"k": "5"``) is an error, not a
+guess. Limits that come from the config (largest k, most queries, longest input) are checked
+by :func:`check_texts` and friends in the replica, so a deployment can change them without
+new code. Every error is OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``,
+so the ``openai`` client raises its usual exceptions with a readable message.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+
+class InvalidRequest(Exception):
+    """A request the client must fix. ``param`` names the offending field."""
+
+    def __init__(self, param: str, message: str, status: int = 400, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+def error_body(message: str, param: str | None, code: str, type_: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class SearchRequest(BaseModel):
+    """``POST /search``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    query: StrictStr | list[StrictStr] = Field(
+        description="One query, or a list of queries answered in order.",
+        examples=["what is the boiling point of water"],
+    )
+    k: StrictInt | None = Field(None, description="Results per query (1..serve.max_k). Default serve.default_k.")
+    instruction: StrictStr | None = Field(
+        None,
+        description="Task instruction for these queries, replacing serve.default_instruction. "
+        "An empty string encodes the queries as written.",
+    )
+    nprobe: StrictInt | None = Field(None, description="IVF lists to visit (IVF indexes only; more: slower, better).")
+    ef_search: StrictInt | None = Field(None, description="HNSW search breadth (HNSW indexes only).")
+
+
+class QueryResult(BaseModel):
+    query: str
+    ids: list[str] = Field(description="Document ids, best first.")
+    scores: list[float] = Field(description="Similarity scores (inner product of normalised vectors).")
+    texts: list[str]
+    titles: list[str]
+
+
+class SearchResponse(BaseModel):
+    results: list[QueryResult]
+    k: int
+    model: str
+    index_version: str
+
+
+class EmbeddingsRequest(BaseModel):
+    """``POST /v1/embeddings``, as in the OpenAI API (unknown extra fields are ignored, as there)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    input: StrictStr | list[StrictStr] = Field(description="A text or a list of texts to embed.")
+    model: StrictStr = Field(description="The served model's name (see GET /v1/models).")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: JSON numbers; base64: little-endian float32 bytes."
+    )
+    dimensions: StrictInt | None = Field(None, description="Must equal the model's dimension if given.")
+    user: StrictStr | None = None
+    instruction: StrictStr | None = Field(
+        None, description="Extension: embed the inputs as queries with this task instruction."
+    )
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rayembed"
+    dim: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+    index_version: str | None = None
+    model: str | None = None
+
+
+def check_texts(value: str | list[str], param: str, *, max_items: int, max_chars: int) -> list[str]:
+    """Normalise one text or a list into a non-empty list of non-blank texts within limits."""
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise InvalidRequest(param, f"{param} is an empty list; send at least one text.", code="empty")
+    if len(texts) > max_items:
+        raise InvalidRequest(
+            param,
+            f"{param} holds {len(texts)} texts; at most {max_items} are accepted per request. "
+            "Split it into several requests.",
+            code="too_many",
+        )
+    single = isinstance(value, str)
+    for i, t in enumerate(texts):
+        where = param if single else f"{param}[{i}]"
+        if not t.strip():
+            raise InvalidRequest(where, f"{where} is empty; send non-blank text.", code="empty")
+        if len(t) > max_chars:
+            raise InvalidRequest(
+                where,
+                f"{where} is {len(t)} characters long; the limit is {max_chars}. Shorten it.",
+                code="too_long",
+            )
+    return texts
+
+
+def check_range(value: int | None, param: str, low: int, high: int | None = None) -> None:
+    if value is None:
+        return
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise InvalidRequest(param, f"{param}={value} is out of range; it must be {bound}.", code="out_of_range")
+
+
+def validation_error_to_body(errors: list[dict]) -> tuple[str, dict]:
+    """Turn FastAPI/pydantic validation errors into (param, OpenAI-style body)."""
+    if not errors:
+        return "body", error_body("Invalid request body.", "body", "invalid_body")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        msg = f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}). Send a JSON object."
+        return "body", error_body(msg, "body", "invalid_json")
+    parts = []
+    params = []
+    for e in errors[:5]:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        # Drop pydantic's union-branch labels ('str', 'list[str]') from the location.
+        loc = [x for x in loc if x not in ("str", "list[str]", "int", "function-after[...]")]
+        param = ".".join(loc) if loc else "body"
+        if param not in params:
+            params.append(param)
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "missing":
+            msg = "field required"
+        elif e.get("type") == "extra_forbidden":
+            msg = "unknown field; check its spelling"
+        elif e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            msg = "the body must be a JSON object"
+        parts.append(f"{param}: {msg}")
+    message = "Invalid request: " + "; ".join(dict.fromkeys(parts)) + "."
+    return params[0], error_body(message, params[0], str(first.get("type", "invalid_value")))
