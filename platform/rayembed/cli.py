@@ -14,6 +14,11 @@ import sys
 # Order is the order shown in --help.
 COMMANDS = [
     "embed",
+    "data",
+    "mine",
+    "synth",
+    "serve_llm",
+    "serve",
     "config",
 ]
 

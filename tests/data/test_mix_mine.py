@@ -1,0 +1,115 @@
+"""Mixing (ratios, dedup, validation split, manifest, bad rows) and hard-negative mining."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from rayembed.config import ConfigError, load_config
+from rayembed.data.mine import mine_negatives
+from rayembed.data.mix import build_mix, read_manifest
+from rayembed.data.schema import make_row
+from rayembed.io import sha256_file
+
+
+def _pairs_file(path, n, prefix, bad_lines=0):
+    lines = [json.dumps({"q": f"{prefix} question {i}", "d": f"{prefix} answer {i}"}) for i in range(n)]
+    lines += ['{"q": "", "d": "empty query"}'] * bad_lines
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cfg(tmp_path, sources, **data):
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.sources={json.dumps(sources)}"]
+    overrides += [f"data.{k}={json.dumps(v)}" for k, v in data.items()]
+    return load_config(None, overrides)
+
+
+def test_mix_honours_ratios_dedups_and_writes_a_manifest(tmp_path):
+    a = _pairs_file(tmp_path / "a.jsonl", 2000, "alpha")
+    b = _pairs_file(tmp_path / "b.jsonl", 1000, "beta")
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("".join(json.dumps({"q": f"alpha question {i}", "d": f"alpha answer {i}"}) + "\n" for i in range(50)))
+    src = lambda name, path, ratio: {"name": name, "format": "jsonl", "path": str(path), "ratio": ratio,  # noqa: E731
+                                     "instruction": f"Retrieve {name}", "columns": {"query": "q", "positive": "d"}}
+    cfg = _cfg(tmp_path, [src("a", a, 0.25), src("b", b, 1.5), src("dup", dup, 1.0)],
+               val_fraction=0.1, shard_rows=700, shuffle_buckets=4)
+    m = read_manifest(build_mix(cfg))
+    total = {s: m["train"]["by_source"].get(s, 0) + m["val"]["by_source"].get(s, 0) for s in ("a", "b", "dup")}
+    assert abs(total["a"] - 500) <= 60          # 0.25 x 2000, seeded Bernoulli
+    assert abs(total["b"] - 1500) <= 60         # 1 copy + 0.5 more
+    assert total["dup"] == 50 - m["duplicates_dropped"].get("dup", 0)
+    assert m["duplicates_dropped"]["dup"] >= 1   # rows already sampled from "a" are dropped
+    n = m["train"]["rows"] + m["val"]["rows"]
+    assert 0.07 < m["val"]["rows"] / n < 0.13
+    out = tmp_path / "run" / "data"
+    for split in ("train", "val"):
+        for f in m[split]["files"]:
+            assert sha256_file(out / f["path"]) == f["sha256"]
+            assert pq.read_metadata(out / f["path"]).num_rows == f["rows"]
+    assert len(m["train"]["files"]) == -(-m["train"]["rows"] // 700)
+    ids = [i for f in m["train"]["files"] for i in pq.read_table(out / f["path"], columns=["id"])["id"].to_pylist()]
+    assert len(ids) == len(set(ids))
+    first = pq.read_table(out / m["train"]["files"][0]["path"]).to_pylist()
+    assert len({r["source"] for r in first[:100]}) >= 2  # shuffled across sources
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # staging folder gone
+
+
+def test_bad_rows_skip_then_fail_naming_the_file(tmp_path):
+    f = _pairs_file(tmp_path / "p.jsonl", 20, "x", bad_lines=2)
+    src = {"name": "p", "format": "jsonl", "path": str(f), "instruction": "i", "columns": {"query": "q", "positive": "d"}}
+    m = read_manifest(build_mix(_cfg(tmp_path, [src], max_bad_fraction=0.2)))
+    assert m["sources"]["p"]["bad"]["reasons"] == {"empty 'query'": 2}
+    with pytest.raises(ValueError, match=r"p: 2 of 22 rows are bad .*first bad rows: p row 20: empty 'query'"):
+        build_mix(_cfg(tmp_path, [src], max_bad_fraction=0.05))
+
+
+def test_local_demo_recipe_builds_from_real_data(tmp_path):
+    cfg = load_config("jobs/configs/local/data.yaml", [f"run_dir={tmp_path}"])
+    m = read_manifest(build_mix(cfg))
+    by = m["sources"]
+    assert by["msmarco-subset"]["read"] == 4102
+    assert by["stsb"]["bad"]["total"] == 5749  # every STS-B train line read
+    assert 1000 < by["stsb"]["read"] < 5749     # pairs scoring >= 4.0 become symmetric positives
+    assert m["train"]["by_task_type"]["sts"] > 1000
+    assert "cranfield" not in m["train"]["by_source"]
+
+
+def test_source_config_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="needs an instruction"):
+        load_config(None, ['data.sources=[{name: x, format: jsonl, path: a.jsonl}]'])
+    with pytest.raises(ConfigError, match="format='xml'"):
+        load_config(None, ['data.sources=[{name: x, format: xml}]'])
+
+
+def test_mining_excludes_every_positive_and_is_seeded():
+    topics = ["apples", "rivers", "engines", "music"]
+    rows = []
+    for t in topics:
+        for k in range(3):  # three rows share each query: all three passages are positives
+            rows.append(make_row(instruction="i", query=f"tell me about {t}", task_type="retrieval", source="s",
+                                 positive=f"{t} passage {k}: facts about {t} and more {t}"))
+    extra = [f"{t} distractor {j} mentions {t}" for t in topics for j in range(5)]
+    mined = mine_negatives(rows, retriever="bm25", top_k=10, num_negatives=3, seed=0, extra_docs=extra)
+    pos_by_query = {}
+    for r in rows:
+        pos_by_query.setdefault(r["query"], set()).add(r["positive"])
+    for r in mined:
+        assert len(r["negatives"]) == 3
+        assert not set(r["negatives"]) & pos_by_query[r["query"]]
+        topic = r["query"].split()[-1]
+        assert sum(topic in n for n in r["negatives"]) >= 2  # hard: mostly same-topic distractors
+    again = mine_negatives(rows, retriever="bm25", top_k=10, num_negatives=3, seed=0, extra_docs=extra)
+    assert [r["negatives"] for r in again] == [r["negatives"] for r in mined]
+    skipped = mine_negatives(rows, retriever="bm25", top_k=10, skip_top=2, num_negatives=3, seed=0, extra_docs=extra)
+    assert all(len(r["negatives"]) == 3 for r in skipped)
+
+
+def test_mining_with_a_saved_embedder(tiny_embedder_dir):
+    rows = [make_row(instruction="i", query=f"q{i}", positive=f"doc {i}", task_type="retrieval", source="s")
+            for i in range(12)]
+    mined = mine_negatives(rows, retriever=str(tiny_embedder_dir), top_k=5, num_negatives=2, seed=1)
+    for r in mined:
+        assert len(r["negatives"]) == 2 and r["positive"] not in r["negatives"]
