@@ -184,9 +184,16 @@ class ChatClient:
     """Chat completions with retries, rate limits and usage accounting. Use inside one event loop."""
 
     def __init__(self, settings: ClientSettings, api_key: Secret | str | None, *, rng_seed: int | None = None):
-        import httpx
         import openai
 
+        try:  # openai >= 3 is built on httpx2; older releases on httpx
+            import httpx2 as httpx
+        except ImportError:
+            import httpx
+
+        # One INFO line per request would drown a 10k-request run.
+        for name in ("httpx", "httpx2", "openai"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.s = settings
         key = api_key.get() if isinstance(api_key, Secret) else api_key
         register_secret(key)
