@@ -10,7 +10,10 @@ from typing import Any
 REDACTED = "***REDACTED***"
 
 # Config keys whose values are secrets wherever they appear.
-SECRET_KEY_PATTERN = re.compile(r"(api_?key|token|secret|password|authorization)$", re.IGNORECASE)
+SECRET_KEY_PATTERN = re.compile(
+    r"^((.*_)?(api_?key|secret|password|passwd)|(auth_|access_|api_|hf_|bearer_)?token|authorization)$",
+    re.IGNORECASE,
+)
 # Environment variables whose values must never be written anywhere.
 SECRET_ENV_VARS = ("OPENAI_API_KEY", "RAYEMBED_API_KEY", "RAYEMBED_LLM_API_KEY", "HF_TOKEN", "RAY_AUTH_TOKEN")
 # Shapes of common keys, caught even when they land in free text.

@@ -188,6 +188,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+            value = raw  # "Query: {text}" is a string, not a YAML mapping
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:

@@ -120,10 +120,10 @@ def byte_tokenizer(kind: str = "decoder"):
     if kind == "encoder":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     else:
-        specials = ["<pad>", "<unk>", "<s>", "</s>", "_"]
+        specials = ["<pad>", "<unk>", "<s>", "</s>"]
     vocab = {tok: i for i, tok in enumerate(specials)}
     for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
+        vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=specials[1]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -138,7 +138,6 @@ def byte_tokenizer(kind: str = "decoder"):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        mask_token="_",
     )
 
 
@@ -168,10 +167,19 @@ def build_tiny(name: str, *, causal_lm: bool = False):
 
     tok = byte_tokenizer("encoder" if name == "tiny-bert" else "decoder")
     config = tiny_config(name, len(tok))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        cls = AutoModelForCausalLM if causal_lm else AutoModel
-        model = cls.from_config(config, attn_implementation="sdpa")
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    model = cls.from_config(config, attn_implementation="sdpa")
+    # from_config's own initialisation is not reproducible across calls: set every weight
+    # from one seeded generator, in name order, so a tiny model is the same everywhere.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if "norm" in name.lower() and name.endswith("weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
     return model, tok
 
 

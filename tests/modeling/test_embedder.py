@@ -1,0 +1,175 @@
+"""The Embedder: EOS handling, pooling under both paddings, instructions, save/load, modes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rayembed.modeling.embedder import CONFIG_NAME, Embedder
+
+TEXTS = ["short", "a somewhat longer sentence about aircraft wings", "", "mid length text"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Embedder.from_pretrained("tiny-llama", max_length=32)
+
+
+def test_every_input_ends_in_exactly_one_eos(tiny):
+    eos = tiny.tokenizer.eos_token_id
+    texts = TEXTS + ["x" * 500, "ends with eos " + tiny.tokenizer.eos_token]
+    for ids in tiny.tokenize_ids(texts):
+        assert ids[-1] == eos
+        assert ids[-2] != eos
+        assert len(ids) <= 32
+
+
+def test_eos_added_even_when_the_tokenizer_adds_its_own(tiny):
+    tok = tiny.tokenizer
+    from tokenizers import processors
+
+    backend = tok.backend_tokenizer
+    saved = backend.post_processor
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)]
+    )
+    try:
+        ids = tiny.tokenize_ids(["hello"])[0]
+    finally:
+        backend.post_processor = saved
+    assert ids[-1] == tok.eos_token_id and ids[-2] != tok.eos_token_id
+
+
+def test_truncation_keeps_room_for_eos(tiny, caplog):
+    ids = tiny.tokenize_ids(["y" * 1000], max_length=16)[0]
+    assert len(ids) == 16 and ids[-1] == tiny.tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "weighted_mean"])
+def test_left_and_right_padding_agree(pooling):
+    left = Embedder.from_pretrained("tiny-llama", padding_side="left", pooling=pooling)
+    right = Embedder.from_pretrained("tiny-llama", padding_side="right", pooling=pooling)
+    a = left.encode(TEXTS, batch_size=4)
+    b = right.encode(TEXTS, batch_size=4)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    # Batched equals one-by-one: padding never leaks into the result.
+    single = np.stack([left.encode([t])[0] for t in TEXTS])
+    np.testing.assert_allclose(a, single, atol=1e-5)
+
+
+def test_last_token_pooling_picks_the_eos_position(tiny):
+    batch = tiny.tokenize(["ab", "abcdef"])
+    hidden = tiny.hidden_states(batch["input_ids"], batch["attention_mask"])
+    pooled = tiny.pool(hidden, batch["attention_mask"])
+    # Left padding: the EOS of every row sits in the last column.
+    torch.testing.assert_close(pooled, hidden[:, -1])
+    right = Embedder.from_pretrained("tiny-llama", padding_side="right")
+    batch = right.tokenize(["ab", "abcdef"])
+    hidden = right.hidden_states(batch["input_ids"], batch["attention_mask"])
+    pooled = right.pool(hidden, batch["attention_mask"])
+    lengths = batch["attention_mask"].sum(1) - 1
+    torch.testing.assert_close(pooled, hidden[torch.arange(2), lengths])
+    assert (batch["input_ids"][torch.arange(2), lengths] == right.tokenizer.eos_token_id).all()
+
+
+def test_outputs_are_normalised_float32_in_input_order(tiny):
+    vecs = tiny.encode(TEXTS, batch_size=2)
+    assert vecs.dtype == np.float32 and vecs.shape == (4, tiny.dim)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vecs[1], tiny.encode([TEXTS[1]])[0], atol=1e-5)
+
+
+def test_instruction_template_is_applied(tiny):
+    q = tiny.format_query("what is lift", "Given a question, retrieve answers")
+    assert q == "Instruct: Given a question, retrieve answers\nQuery: what is lift"
+    with_inst = tiny.encode(["what is lift"], instruction="Given a question, retrieve answers")
+    by_hand = tiny.encode([q])
+    plain = tiny.encode(["what is lift"])
+    np.testing.assert_allclose(with_inst, by_hand, atol=1e-6)
+    assert not np.allclose(with_inst, plain, atol=1e-3)
+
+
+def test_save_then_load_gives_identical_embeddings(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
+    assert cfg["pooling"] == "last" and cfg["attention"] == "causal" and cfg["base_model"] == "tiny-llama"
+    again = Embedder.from_pretrained(tmp_path / "m")
+    np.testing.assert_array_equal(tiny.encode(TEXTS), again.encode(TEXTS))
+    assert again.identity()["weights_sha256"] == Embedder.from_pretrained(tmp_path / "m").identity()["weights_sha256"]
+
+
+def test_lora_adapter_saves_alone_or_merged(tmp_path):
+    from rayembed.config.model import LoRAConfig
+
+    emb = Embedder.from_pretrained("tiny-llama", lora=LoRAConfig(r=4, alpha=8, dropout=0.0))
+    trainable = [n for n, p in emb.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # move the adapter off its zero init so it matters
+        for n, p in emb.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    want = emb.encode(TEXTS)
+    emb.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    emb.save_pretrained(tmp_path / "merged", merge_lora=True)
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    for folder in ("adapter", "merged"):
+        got = Embedder.from_pretrained(tmp_path / folder).encode(TEXTS)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral", "tiny-qwen2"])
+def test_bidirectional_changes_outputs(name):
+    causal = Embedder.from_pretrained(name, pooling="mean")
+    bidir = Embedder.from_pretrained(name, pooling="mean", attention="bidirectional")
+    a, b = causal.encode(TEXTS), bidir.encode(TEXTS)
+    assert not np.allclose(a, b, atol=1e-4)
+    # The first token's state sees the future only in bidirectional mode.
+    batch = bidir.tokenize(["abc", "abd"])
+    h_bi = bidir.hidden_states(batch["input_ids"], batch["attention_mask"])
+    h_ca = causal.hidden_states(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(h_ca[0, 0], h_ca[1, 0])
+    assert not torch.allclose(h_bi[0, 0], h_bi[1, 0])
+    # And padding is still masked: same text, different batch-mates, same vector.
+    np.testing.assert_allclose(bidir.encode(["abc", "a much longer neighbour"])[0], bidir.encode(["abc"])[0], atol=1e-5)
+
+
+def test_unsupported_architecture_is_refused():
+    with pytest.raises(ValueError, match="Bidirectional attention is supported for llama, mistral, qwen2.*'bert'"):
+        Embedder.from_pretrained("tiny-bert", attention="bidirectional")
+
+
+def test_encoder_backbone_defaults_to_mean_pooling():
+    emb = Embedder.from_pretrained("tiny-bert")
+    assert emb.config.pooling == "mean" and not emb.config.append_eos
+    assert emb.encode(["hello"]).shape == (1, emb.dim)
+
+
+@pytest.mark.parametrize(
+    "texts, err, match",
+    [
+        ([1, "a"], TypeError, r"Text 0 is a int, not a string"),
+        (["a", None], TypeError, r"Text 1 is a NoneType"),
+        (12, TypeError, r"Expected a string or a list of strings"),
+    ],
+)
+def test_bad_text_input(tiny, texts, err, match):
+    with pytest.raises(err, match=match):
+        tiny.encode(texts)
+
+
+def test_empty_text_warns_but_embeds(tiny, caplog):
+    with caplog.at_level("WARNING"):
+        vecs = tiny.encode(["", "hello"])
+    assert vecs.shape == (2, tiny.dim)
+    assert "empty" in caplog.text
+
+
+def test_missing_or_bad_model_paths(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds neither embedder_config.json"):
+        Embedder.from_pretrained(tmp_path / "empty")
+    with pytest.raises((FileNotFoundError, OSError), match="Could not load model"):
+        Embedder.from_pretrained(str(tmp_path / "does-not-exist"))
