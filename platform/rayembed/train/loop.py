@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
 ENGINE_DIR = "engine"
 MODEL_DIR = "model"
+PROBE_FILE = "probe.json"
+# Fixed texts embedded by the in-memory model at the end of training; the saved model must
+# reproduce these vectors (a check that export loses nothing).
+PROBE_TEXTS = ["what is the boiling point of water", "Paris is the capital of France."]
 
 
 @dataclasses.dataclass
@@ -229,6 +233,9 @@ def _report_checkpoint(metrics: dict[str, Any], state: TrainState, engine: Any, 
         if rank == 0:
             (tmp / STATE_FILE).write_text(state.to_json())
         if final:
+            probe = _probe_vectors(task, engine, rank)
+            if rank == 0 and probe is not None:
+                (tmp / PROBE_FILE).write_text(json.dumps({"texts": PROBE_TEXTS, "vectors": probe}))
             with engine.full_parameters():
                 if rank == 0:
                     merge = cfg.train.merge_lora or cfg.train.mode == "mntp"
@@ -238,6 +245,21 @@ def _report_checkpoint(metrics: dict[str, Any], state: TrainState, engine: Any, 
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)) if has_files else None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _probe_vectors(task: Any, engine: Any, rank: int) -> list[list[float]] | None:
+    """Embeddings of PROBE_TEXTS from the model as trained (all ranks take part under ZeRO)."""
+    emb = getattr(task, "embedder", None)
+    partitioned = type(engine).__name__ == "DeepSpeedEngine"
+    if emb is None or (rank != 0 and not partitioned):
+        return None
+    was_training = emb.training
+    emb.eval()
+    try:
+        vecs = emb.encode(PROBE_TEXTS, batch_size=len(PROBE_TEXTS), show_progress=False)
+    finally:
+        emb.train(was_training)
+    return vecs.tolist()
 
 
 def nan_to_none(value: float) -> float | None:

@@ -82,6 +82,10 @@ class ContrastiveTask:
 
         mc, tc = cfg.model, cfg.train
         self.train = tc
+        saved = (Path(str(mc.name_or_path)) / "embedder_config.json").is_file()
+        # A saved embedder (a merged MNTP model, say) keeps its own attention mode unless the
+        # config asks for bidirectional explicitly; "causal" is only the default.
+        attention = None if saved and mc.attention == "causal" else mc.attention
         self.embedder = Embedder.from_pretrained(
             mc.name_or_path,
             gguf_file=mc.gguf_file,
@@ -89,7 +93,7 @@ class ContrastiveTask:
             normalize=mc.normalize,
             max_length=mc.max_length,
             query_template=mc.query_template,
-            attention=mc.attention,
+            attention=attention,
             padding_side=mc.padding_side,
             dtype="float32",  # engines cast (DeepSpeed) or autocast; master weights stay fp32
             device=str(device),

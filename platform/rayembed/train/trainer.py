@@ -174,7 +174,7 @@ def run_training(
 def collect_outputs(result: Any, out: Path, *, wall_s: float) -> Path:
     """Copy the exported model out of the final checkpoint; write metrics, curve and summary."""
     from rayembed.io import atomic_write_json, atomic_write_text
-    from rayembed.train.loop import MODEL_DIR, STATE_FILE, TrainState
+    from rayembed.train.loop import MODEL_DIR, PROBE_FILE, STATE_FILE, TrainState
 
     with result.checkpoint.as_directory() as d:
         src = Path(d) / MODEL_DIR
@@ -184,6 +184,8 @@ def collect_outputs(result: Any, out: Path, *, wall_s: float) -> Path:
                 "stopped before its last step. Re-run with the same train.run_name to resume it."
             )
         state = TrainState.from_json((Path(d) / STATE_FILE).read_text())
+        if (Path(d) / PROBE_FILE).is_file():
+            shutil.copy(Path(d) / PROBE_FILE, out / PROBE_FILE)
         target = out / MODEL_DIR
         tmp = out / f".{MODEL_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
