@@ -242,14 +242,16 @@ class ChatClient:
         while True:
             attempt += 1
             estimate = estimate_tokens(prompt) + max_tokens
-            if self._rpm is not None:
-                self.stats.rate_wait_s += await self._rpm.acquire(1.0)
-            if self._tpm is not None:
-                self.stats.rate_wait_s += await self._tpm.acquire(estimate)
             reason: str | None = None
             retry_after: float | None = None
             detail = ""
             async with self._sem:
+                # Rate tokens are taken once a slot is held, right before sending: taken
+                # earlier, requests queued on the slot would bunch up at the server.
+                if self._rpm is not None:
+                    self.stats.rate_wait_s += await self._rpm.acquire(1.0)
+                if self._tpm is not None:
+                    self.stats.rate_wait_s += await self._tpm.acquire(estimate)
                 self._in_flight += 1
                 self.stats.peak_in_flight = max(self.stats.peak_in_flight, self._in_flight)
                 self.stats.requests += 1
