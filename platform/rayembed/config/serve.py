@@ -135,6 +135,7 @@ class ServeConfig:
     max_k: int = option(100, "Largest k a /search request may ask for.")
     default_k: int = option(10, "k when a /search request gives none.")
     max_body_bytes: int = option(1_048_576, "Largest request body, in bytes; larger gets 413.")
+    access_log: bool = option(True, "Log one line per request in the replicas (off for benchmarks).")
     verify_index: bool = option(
         True, "Check shard checksums and the embedder identity when the index opens."
     )

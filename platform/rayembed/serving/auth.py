@@ -16,8 +16,7 @@ Any ASGI app can use it::
 or, per route, in FastAPI: ``Depends(require_api_key(lambda: key))``.
 """
 
-from __future__ import annotations
-
+# No postponed annotations: FastAPI reads the dependency signature below at runtime.
 import hmac
 import json
 import logging

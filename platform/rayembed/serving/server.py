@@ -52,6 +52,7 @@ def deploy_schema(cfg, index_dir: str | os.PathLike, embedder: str) -> dict[str,
                 "route_prefix": s.route_prefix,
                 "import_path": IMPORT_PATH,
                 "args": app_args(cfg, index_dir, embedder),
+                "logging_config": {"enable_access_log": s.access_log},
             }
         ]
     }
