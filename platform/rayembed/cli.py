@@ -16,6 +16,7 @@ COMMANDS = [
     "embed",
     "data",
     "mine",
+    "train",
     "synth",
     "serve_llm",
     "serve",

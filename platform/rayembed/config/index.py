@@ -1,14 +1,125 @@
-"""The ``index`` section."""
+"""The ``index`` section: which corpus to encode, how to encode it on Ray Data, and the FAISS shards.
+
+Example (a recipe fragment)::
+
+    index:
+      corpus: msmarco-subset/corpus.jsonl     # relative paths resolve against data_dir
+      format: beir
+      index_type: ivf_flat
+      storage: fp16
+      shard_size: 100000
+      encode: {min_actors: 1, max_actors: 4, num_cpus_per_actor: 0.5, batch_size: 64}
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from rayembed.config.base import ConfigError, option  # noqa: F401
+from rayembed.config.base import ConfigError, option
+
+INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
+STORAGES = ("fp32", "fp16", "sq8")
+
+
+@dataclass
+class EncodeConfig:
+    """The autoscaling pool of encoder actors (Ray Data ``map_batches`` over an ActorPoolStrategy)."""
+
+    min_actors: int = option(1, "Smallest encoder actor pool; the pool scales between min and max.")
+    max_actors: int = option(2, "Largest encoder actor pool. On a cluster the autoscaler adds nodes for them.")
+    num_cpus_per_actor: float = option(
+        0.5, "Logical CPUs each encoder actor reserves. Fractional on a laptop so readers are not starved."
+    )
+    num_gpus_per_actor: float = option(0.0, "GPUs each encoder actor reserves (1 on a GPU cluster).")
+    batch_size: int = option(64, "Documents per encoder call (rows per map_batches batch).")
+    rows_per_block: int = option(
+        512, "Rows per Ray Data block after repartition; small blocks spread work over the actors."
+    )
+    max_length: int | None = option(None, "Maximum document length in tokens. Empty: the embedder's own.")
+    log_every_s: float = option(10.0, "Seconds between progress/throughput log lines.")
+
+    def __post_init__(self) -> None:
+        if self.min_actors < 1:
+            raise ConfigError(f"index.encode.min_actors must be at least 1, got {self.min_actors}.")
+        if self.max_actors < self.min_actors:
+            raise ConfigError(
+                f"index.encode.max_actors={self.max_actors} is below min_actors={self.min_actors}; "
+                "raise max_actors or lower min_actors."
+            )
+        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
+            raise ConfigError("index.encode.num_cpus_per_actor and num_gpus_per_actor must be >= 0.")
+        if self.batch_size < 1 or self.rows_per_block < 1:
+            raise ConfigError("index.encode.batch_size and rows_per_block must be at least 1.")
 
 
 @dataclass
 class IndexConfig:
-    """Settings for the index stage."""
+    """Corpus encoding into verified FAISS shards with global ids, and search defaults."""
 
-    output_dir: str | None = option(None, "Where this stage writes. Empty: <run_dir>/index.")
+    output_dir: str | None = option(None, "Where the index is written. Empty: <run_dir>/index.")
+    corpus: str | None = option(
+        None,
+        "Corpus file or folder. A relative path resolves against data_dir first, then the working "
+        "directory. A BEIR folder means its corpus.jsonl.",
+    )
+    format: Literal["auto", "jsonl", "parquet", "beir", "smart"] = option(
+        "auto", "Corpus format. auto: from the suffix (.jsonl/.parquet), BEIR for a folder with corpus.jsonl."
+    )
+    id_field: str | None = option(None, "Column holding the document id. Empty: '_id', then 'id', else the row number.")
+    text_field: str = option("text", "Column holding the document text.")
+    title_field: str | None = option("title", "Column holding the title (optional; empty to ignore).")
+    metadata_fields: list[str] = option(
+        help="Extra columns kept in the id map as metadata (JSON).", factory=list
+    )
+    include_title: bool = option(True, "Encode 'title text' rather than the text alone.")
+    doc_instruction: str | None = option(
+        None, "Instruction put on documents too (symmetric tasks). Empty: documents get none."
+    )
+    limit: int | None = option(None, "Index at most this many documents (smoke tests). Empty: all.")
+    embedder: str | None = option(
+        None, "Saved embedder folder or registered name to encode with. Empty: the model section."
+    )
+    index_type: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = option(
+        "flat", "FAISS index: flat (exact), ivf_flat, ivf_pq (compressed) or hnsw (graph)."
+    )
+    storage: Literal["fp32", "fp16", "sq8"] = option(
+        "fp32", "Vector storage for flat, ivf_flat and hnsw: fp32, fp16 (half) or sq8 (8-bit scalar quantiser)."
+    )
+    nlist: int = option(0, "IVF lists. 0: about 4*sqrt(N), capped so each list gets 39 training vectors.")
+    nprobe: int = option(16, "IVF lists probed per query (default; settable per query).")
+    pq_m: int = option(0, "IVF-PQ sub-quantisers (bytes per vector at 8 bits); must divide dim. 0: largest divisor <= 64.")
+    pq_nbits: int = option(8, "Bits per PQ code.")
+    hnsw_m: int = option(32, "HNSW graph degree.")
+    ef_construction: int = option(80, "HNSW efConstruction (build-time beam).")
+    ef_search: int = option(128, "HNSW efSearch (default; settable per query).")
+    train_size: int = option(0, "Vectors sampled to train IVF/PQ/SQ. 0: 64 per list, at least 10k for PQ, at most 200k.")
+    shard_size: int = option(100_000, "Documents per shard.")
+    num_shards: int = option(0, "Fixed number of shards (overrides shard_size). 0: from shard_size.")
+    use_gpu: Literal["auto", "true", "false"] = option(
+        "auto", "Train and search on GPU where faiss has GPU support and a GPU exists."
+    )
+    verify: bool = option(True, "Check sha256 of every shard when opening an index.")
+    overwrite: bool = option(
+        False, "Delete an existing, different build in output_dir instead of refusing to resume it."
+    )
+    encode: EncodeConfig = option(help="Encoder actor pool.", factory=EncodeConfig)
+
+    def __post_init__(self) -> None:
+        if self.storage != "fp32" and self.index_type == "ivf_pq":
+            raise ConfigError(
+                f"index.storage={self.storage} does not apply to ivf_pq (PQ is its own compression); "
+                "use storage: fp32 with ivf_pq."
+            )
+        if self.shard_size < 1:
+            raise ConfigError(f"index.shard_size must be at least 1, got {self.shard_size}.")
+        if self.num_shards < 0 or self.nlist < 0 or self.pq_m < 0 or self.train_size < 0:
+            raise ConfigError("index.num_shards, nlist, pq_m and train_size must be >= 0 (0 means auto).")
+        if self.nprobe < 1 or self.ef_search < 1 or self.hnsw_m < 2 or self.ef_construction < 1:
+            raise ConfigError("index.nprobe, ef_search, ef_construction must be >= 1 and hnsw_m >= 2.")
+        if not 1 <= self.pq_nbits <= 16:
+            raise ConfigError(f"index.pq_nbits must be in 1..16, got {self.pq_nbits}; 8 is usual.")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"index.limit must be positive or empty, got {self.limit}.")
+        if not self.text_field:
+            raise ConfigError("index.text_field is empty; name the column that holds the document text.")

@@ -1,0 +1,167 @@
+"""The on-disk protocol: ``manifest.json``, per-shard sidecars, safe path resolution, verification.
+
+Layout of an index directory::
+
+    manifest.json            # written last: its presence means the build is complete
+    plan.json                # the build plan (corpus fingerprint, shard id ranges); used to resume
+    trained.index            # the empty trained index (trained types only)
+    docs/docs-00000.parquet  # id map: id, doc_id, text, title, metadata (JSON)
+    shards/shard-00000.faiss # vectors of ids [id_start, id_end) under their global ids
+    shards/shard-00000.json  # sidecar: rows, id range, bytes, sha256 (a shard counts only with it)
+
+Nothing here is pickled: JSON, Parquet and ``faiss.read_index``. Every path read from a manifest
+is relative and must resolve inside the index directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT = "rayembed-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+TRAINED = "trained.index"
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+class IndexIntegrityError(ValueError):
+    """An index file is missing, corrupt, or does not match its manifest or the expected embedder."""
+
+
+class UnsafePathError(IndexIntegrityError):
+    """A path in a manifest (or a request) points outside the index directory."""
+
+
+def safe_resolve(root: str | os.PathLike, rel: str, *, what: str = "path") -> Path:
+    """Resolve ``rel`` inside ``root``; refuse absolute paths, '..' and symlinks that leave ``root``."""
+    root_r = Path(root).resolve()
+    if not isinstance(rel, str) or not rel:
+        raise UnsafePathError(f"{what} {rel!r} in {root_r} is not a relative path string.")
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise UnsafePathError(
+            f"{what} {rel!r} is absolute; index files must be relative paths inside {root_r}. "
+            "Refusing to read it."
+        )
+    if ".." in p.parts:
+        raise UnsafePathError(f"{what} {rel!r} contains '..' and could leave {root_r}. Refusing to read it.")
+    resolved = (root_r / p).resolve()
+    if not resolved.is_relative_to(root_r):
+        raise UnsafePathError(
+            f"{what} {rel!r} resolves to {resolved}, outside the index directory {root_r} "
+            "(a symlink out?). Refusing to read it."
+        )
+    return resolved
+
+
+def file_record(root: Path, path: Path) -> dict[str, Any]:
+    """``{"file", "bytes", "sha256"}`` of ``path``, with ``file`` relative to ``root``."""
+    from rayembed.io import sha256_file
+
+    return {
+        "file": path.resolve().relative_to(root.resolve()).as_posix(),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+
+
+def verify_file(root: Path, rec: dict[str, Any], *, what: str, check_hash: bool = True) -> Path:
+    """Resolve ``rec['file']`` inside ``root`` and check it exists with the recorded size and sha256."""
+    from rayembed.io import sha256_file
+
+    path = safe_resolve(root, rec.get("file"), what=what)
+    if not path.is_file():
+        raise IndexIntegrityError(
+            f"{what} {path} is missing. The index in {root} is incomplete: rerun `rayembed index` "
+            "to rebuild the missing shards."
+        )
+    size = path.stat().st_size
+    if "bytes" in rec and size != rec["bytes"]:
+        raise IndexIntegrityError(
+            f"{what} {path} has {size} bytes but the manifest records {rec['bytes']} (truncated or "
+            "replaced). Delete it and rerun `rayembed index` to rebuild it."
+        )
+    if check_hash and "sha256" in rec and sha256_file(path) != rec["sha256"]:
+        raise IndexIntegrityError(
+            f"{what} {path} fails its sha256 check (corrupt or modified). Delete it and rerun "
+            "`rayembed index` to rebuild it."
+        )
+    return path
+
+
+def is_valid(root: Path, rec: dict[str, Any] | None) -> bool:
+    """Like :func:`verify_file` but answers True/False (used when resuming a build)."""
+    if not rec:
+        return False
+    try:
+        verify_file(root, rec, what="file")
+        return True
+    except IndexIntegrityError:
+        return False
+
+
+def read_json(path: Path, *, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise IndexIntegrityError(f"{what} {path} does not exist. Build the index first with `rayembed index`.")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise IndexIntegrityError(f"{what} {path} is larger than {MAX_MANIFEST_BYTES >> 20} MB; refusing to parse it.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexIntegrityError(f"{what} {path} is not valid JSON ({e}); rebuild the index.") from e
+    if not isinstance(data, dict):
+        raise IndexIntegrityError(f"{what} {path} must hold a JSON object.")
+    return data
+
+
+def check_manifest(m: dict[str, Any], path: Path) -> None:
+    """Structural checks: format, required keys, contiguous shard id ranges summing to ntotal."""
+    if m.get("format") != FORMAT:
+        raise IndexIntegrityError(f"{path} is not a rayembed index manifest (format={m.get('format')!r}).")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise IndexIntegrityError(
+            f"{path} has format_version {m.get('format_version')!r}; this rayembed reads {FORMAT_VERSION}. "
+            "Rebuild the index with this version."
+        )
+    for key in ("dim", "metric", "index_type", "ntotal", "shards", "spec", "embedder"):
+        if key not in m:
+            raise IndexIntegrityError(f"Manifest {path} lacks the key '{key}'; it is damaged. Rebuild the index.")
+    expect = 0
+    for i, s in enumerate(m["shards"]):
+        for key in ("file", "rows", "id_start", "id_end", "sha256", "bytes", "docs"):
+            if key not in s:
+                raise IndexIntegrityError(f"Manifest {path}: shard {i} lacks '{key}'. Rebuild the index.")
+        if s["id_start"] != expect or s["id_end"] - s["id_start"] != s["rows"]:
+            raise IndexIntegrityError(
+                f"Manifest {path}: shard {i} ({s['file']}) covers ids [{s['id_start']}, {s['id_end']}) with "
+                f"{s['rows']} rows, which does not continue from id {expect}. The manifest does not match "
+                "its shards; rebuild the index."
+            )
+        expect = s["id_end"]
+    if expect != m["ntotal"]:
+        raise IndexIntegrityError(
+            f"Manifest {path}: shards hold {expect} vectors but ntotal is {m['ntotal']}. Rebuild the index."
+        )
+
+
+def identity_of(embedder: Any) -> dict[str, Any] | None:
+    """An embedder identity dict from an Embedder, a dict, or None."""
+    if embedder is None:
+        return None
+    if isinstance(embedder, dict):
+        return embedder
+    if hasattr(embedder, "identity"):
+        return embedder.identity()
+    raise TypeError(f"expected an Embedder or an identity dict, got {type(embedder).__name__}")
+
+
+def same_embedder(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two identities match when their config and weights hashes match (paths may differ by machine)."""
+    keys = [k for k in ("config_sha256", "weights_sha256") if a.get(k) or b.get(k)]
+    if not keys:
+        return a.get("path") == b.get("path")
+    return all(a.get(k) == b.get(k) for k in keys)

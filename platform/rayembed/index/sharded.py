@@ -1,0 +1,265 @@
+"""Searching a sharded index: open and verify, search every shard, merge the top-k.
+
+Example::
+
+    idx = ShardedIndex.open("runs/demo/index", expected_embedder=emb)
+    scores, ids = idx.search(emb.encode_queries(["what is faiss"], instruction), k=10)  # (1, 10), (1, 10)
+    docs = idx.get_documents(ids[0])      # [{"id", "doc_id", "text", "title", ...}, ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rayembed.index.builder import read_docs_part, read_faiss
+from rayembed.index.faiss_util import (
+    IndexSpec,
+    gpu_available,
+    inner_index,
+    new_index,
+    set_search_params,
+    to_gpu,
+)
+from rayembed.index.manifest import (
+    MANIFEST,
+    IndexIntegrityError,
+    check_manifest,
+    identity_of,
+    read_json,
+    same_embedder,
+    verify_file,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ShardedIndex:
+    """The shards of one index, searched together. Scores are inner products (cosine on unit vectors)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], shards: list[Any], version: str, use_gpu: bool):
+        self.root = root
+        self.manifest = manifest
+        self._shards = shards
+        self.version = version
+        self.on_gpu = use_gpu
+        self.spec = IndexSpec(**manifest["spec"])
+        self._starts = np.array([s["id_start"] for s in manifest["shards"]], dtype=np.int64)
+        self._docs: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._params = (None, None)
+        self._pool = ThreadPoolExecutor(max_workers=min(len(shards), os.cpu_count() or 1)) if len(shards) > 1 else None
+        self.set_search_params(nprobe=self.spec.nprobe, ef_search=self.spec.ef_search)
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, verify: bool = True, expected_embedder: Any = None,
+             use_gpu: str | bool = "auto") -> ShardedIndex:
+        """Open an index directory (or its ``manifest.json``), checking files against the manifest.
+
+        With ``verify`` every shard and id-map part must match its recorded sha256; without it
+        only sizes are checked. ``expected_embedder`` (an Embedder or identity dict) must match
+        the embedder the index was built with.
+        """
+        p = Path(path)
+        manifest_path = p / MANIFEST if p.is_dir() else p
+        root = manifest_path.parent.resolve()
+        raw = manifest_path.read_bytes() if manifest_path.is_file() else None
+        m = read_json(manifest_path, what="index manifest")
+        check_manifest(m, manifest_path)
+        if expected_embedder is not None:
+            want = identity_of(expected_embedder)
+            if not same_embedder(m["embedder"], want):
+                raise IndexIntegrityError(
+                    f"Index {manifest_path} was built with embedder {m['embedder'].get('path') or m['embedder']} "
+                    f"(config {str(m['embedder'].get('config_sha256'))[:12]}, weights "
+                    f"{str(m['embedder'].get('weights_sha256'))[:12]}), not with the expected "
+                    f"{want.get('path') or want} (config {str(want.get('config_sha256'))[:12]}, weights "
+                    f"{str(want.get('weights_sha256'))[:12]}). Its vectors are not comparable: query it with "
+                    "the embedder it was built with, or rebuild it with `rayembed index`."
+                )
+        gpu = gpu_available(use_gpu)
+        shards = []
+        for i, rec in enumerate(m["shards"]):
+            what = f"shard {i}"
+            path_i = verify_file(root, rec, what=what, check_hash=verify)
+            verify_file(root, rec["docs"], what=f"id map of shard {i}", check_hash=verify)
+            index = read_faiss(path_i, what=what)
+            if index.d != m["dim"] or index.ntotal != rec["rows"]:
+                raise IndexIntegrityError(
+                    f"{what} {path_i} holds {index.ntotal} vectors of dim {index.d}, but the manifest "
+                    f"{manifest_path} says {rec['rows']} of dim {m['dim']}. The manifest does not match; rebuild."
+                )
+            shards.append(to_gpu(index, use_gpu) if gpu else index)
+        version = hashlib.sha256(raw or b"").hexdigest()[:16]
+        logger.info("Opened index %s: %d vectors, %d shards, %s, version %s", root, m["ntotal"], len(shards),
+                    m.get("factory"), version)
+        return cls(root, m, shards, version, gpu)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.manifest["ntotal"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    @property
+    def embedder_identity(self) -> dict[str, Any]:
+        return dict(self.manifest["embedder"])
+
+    @property
+    def shards(self) -> list[Any]:
+        return list(self._shards)
+
+    def __repr__(self) -> str:
+        return (f"ShardedIndex({str(self.root)!r}, ntotal={self.ntotal}, dim={self.dim}, "
+                f"shards={self.num_shards}, type={self.manifest.get('factory')!r}, version={self.version!r})")
+
+    # ------------------------------------------------------------------ search
+
+    def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Set the defaults used when :meth:`search` gets no nprobe / ef_search."""
+        with self._lock:
+            self._apply(nprobe, ef_search)
+            self._default = (nprobe if nprobe is not None else self._params[0],
+                             ef_search if ef_search is not None else self._params[1])
+
+    def _apply(self, nprobe: int | None, ef_search: int | None) -> None:
+        if (nprobe, ef_search) == self._params:
+            return
+        for s in self._shards:
+            set_search_params(s, nprobe=nprobe, ef_search=ef_search)
+        self._params = (nprobe, ef_search)
+
+    def search(self, query_vectors: np.ndarray, k: int, *, nprobe: int | None = None,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` over all shards: scores (n, k) float32 and global ids (n, k) int64.
+
+        Where fewer than ``k`` results exist the id is -1 and the score -inf.
+        """
+        q = np.ascontiguousarray(query_vectors, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"query_vectors must have shape (n, {self.dim}); got {query_vectors.shape}.")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}.")
+        n = q.shape[0]
+        kk = min(k, self.ntotal)
+        with self._lock:
+            self._apply(nprobe if nprobe is not None else self._default[0],
+                        ef_search if ef_search is not None else self._default[1])
+            if self._pool is None or n >= 64:
+                # Large batches: each shard already uses every core (OpenMP over queries).
+                parts = [s.search(q, kk) for s in self._shards]
+            else:
+                parts = list(self._pool.map(lambda s: s.search(q, kk), self._shards))
+        if len(parts) == 1:
+            scores, ids = parts[0]
+        else:
+            scores = np.concatenate([p[0] for p in parts], axis=1)  # (n, shards * kk)
+            ids = np.concatenate([p[1] for p in parts], axis=1)  # (n, shards * kk)
+            scores = np.where(ids < 0, -np.inf, scores)
+            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]  # (n, kk)
+            scores = np.take_along_axis(scores, top, axis=1)
+            ids = np.take_along_axis(ids, top, axis=1)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            scores = np.take_along_axis(scores, order, axis=1)
+            ids = np.take_along_axis(ids, order, axis=1)
+        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
+        ids = ids.astype(np.int64)
+        if kk < k:
+            scores = np.concatenate([scores, np.full((n, k - kk), -np.inf, np.float32)], axis=1)
+            ids = np.concatenate([ids, np.full((n, k - kk), -1, np.int64)], axis=1)
+        return scores, ids
+
+    # ------------------------------------------------------------------ documents
+
+    def _docs_of(self, si: int):
+        table = self._docs.get(si)
+        if table is None:
+            table = read_docs_part(self.root, self.manifest["shards"][si])
+            self._docs[si] = table
+        return table
+
+    def get_documents(self, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any] | None]:
+        """Documents of global ``ids`` from the Parquet id map, in order; None for id -1.
+
+        Each is ``{"id", "doc_id", "text", "title"}`` plus ``"metadata"`` where the corpus had some.
+        """
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        out: list[dict[str, Any] | None] = []
+        for gid in ids.tolist():
+            if gid == -1:
+                out.append(None)
+                continue
+            if not 0 <= gid < self.ntotal:
+                raise KeyError(f"id {gid} is not in this index (0..{self.ntotal - 1}).")
+            si = int(np.searchsorted(self._starts, gid, side="right") - 1)
+            row = self._docs_of(si).slice(gid - int(self._starts[si]), 1).to_pylist()[0]
+            doc = {"id": int(row["id"]), "doc_id": row["doc_id"], "text": row["text"], "title": row["title"] or ""}
+            if row.get("metadata"):
+                doc["metadata"] = json.loads(row["metadata"])
+            out.append(doc)
+        return out
+
+    # ------------------------------------------------------------------ merging
+
+    def _cpu_shard(self, i: int):
+        if not self.on_gpu:
+            return self._shards[i]
+        import faiss
+
+        return faiss.index_gpu_to_cpu(self._shards[i])
+
+    def _empty(self):
+        trained = self.manifest.get("trained")
+        if trained:
+            path = verify_file(self.root, trained, what="trained index")
+            return read_faiss(path, what="trained index")
+        return new_index(self.spec, self.dim)
+
+    def merged(self):
+        """One CPU faiss index holding every shard under its global ids (for serving on one machine).
+
+        IVF and flat shards are merged list by list; HNSW graphs are rebuilt from the stored vectors.
+        """
+        import faiss
+
+        hnsw = self.spec.index_type == "hnsw"
+        # Shards read back from disk share one concrete type, so the first is the merge target.
+        out = self._empty() if hnsw else faiss.clone_index(self._cpu_shard(0))
+        for i in range(0 if hnsw else 1, self.num_shards):
+            shard = faiss.clone_index(self._cpu_shard(i))
+            if hnsw:
+                idmap = faiss.downcast_index(shard)
+                ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
+                vecs = inner_index(shard).reconstruct_n(0, shard.ntotal)  # (rows, dim)
+                out.add_with_ids(vecs, ids)
+            else:
+                out.merge_from(shard, 0)
+        set_search_params(out, nprobe=self._default[0], ef_search=self._default[1])
+        if out.ntotal != self.ntotal:
+            raise IndexIntegrityError(f"Merged index holds {out.ntotal} vectors, expected {self.ntotal}.")
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
