@@ -79,7 +79,9 @@ class TrainConfig:
     adam_eps: float = option(1e-8, "AdamW epsilon.")
     max_grad_norm: float = option(1.0, "Clip gradients to this global norm; 0 disables clipping.")
     temperature: float = option(0.02, "InfoNCE temperature tau (logits are cosine / tau).")
-    num_negatives: int = option(1, "Hard negatives per example (paper: 1).")
+    num_negatives: int | None = option(
+        None, "Hard negatives per example (paper: 1). Empty: data.stream.num_negatives."
+    )
     query_max_length: int = option(512, "Maximum query length in tokens, instruction and EOS included.")
     doc_max_length: int = option(512, "Maximum document length in tokens, EOS included.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
@@ -145,7 +147,7 @@ class TrainConfig:
             raise ConfigError(f"train.adam_betas must hold two numbers, got {self.adam_betas}.")
         if self.temperature <= 0:
             raise ConfigError(f"train.temperature must be positive, got {self.temperature}; the paper uses 0.02.")
-        if self.num_negatives < 0:
+        if self.num_negatives is not None and self.num_negatives < 0:
             raise ConfigError(f"train.num_negatives must be >= 0, got {self.num_negatives}.")
         if self.query_max_length < 8 or self.doc_max_length < 8:
             raise ConfigError("train.query_max_length and train.doc_max_length must be at least 8 tokens.")

@@ -81,15 +81,22 @@ def stream_spec(cfg: RayembedConfig, paths: list[str]):
     from rayembed.data.stream import StreamSpec
 
     tc = cfg.train
+    sc = getattr(cfg.data, "stream", None)
+    negatives = tc.num_negatives if tc.num_negatives is not None else getattr(sc, "num_negatives", 1)
+    extra = {}
+    for key in ("homogeneous_batches", "shuffle_buffer_rows", "tokenize_batch_rows", "tokenize_num_cpus",
+                "prefetch_batches"):
+        if sc is not None and hasattr(sc, key):
+            extra[key] = getattr(sc, key)
     return StreamSpec(
         paths=paths,
         tokenizer_dir=str(cfg.model.name_or_path),
         query_max_length=tc.query_max_length,
         doc_max_length=tc.doc_max_length,
-        num_negatives=tc.num_negatives if tc.mode == "contrastive" else 0,
+        num_negatives=negatives if tc.mode == "contrastive" else 0,
         seed=cfg.seed,
         batch_size=tc.batch_size // tc.num_workers,
-        tokenize_num_cpus=min(0.5, tc.cpus_per_worker),
+        **extra,
     )
 
 
