@@ -20,6 +20,7 @@ COMMANDS = [
     "synth",
     "serve_llm",
     "serve",
+    "eval",
     "config",
 ]
 
