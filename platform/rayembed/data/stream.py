@@ -81,9 +81,11 @@ class StreamSpec:
     # shuffled on disk already).
     shuffle_buffer_rows: int = 1024
     drop_last: bool = True
-    # Rows per tokenisation task; CPUs each task reserves (fractional on small machines).
+    # Rows per tokenisation call; CPUs each tokenising actor reserves (fractional on small
+    # machines); number of tokenising actors.
     tokenize_batch_rows: int = 256
     tokenize_num_cpus: float = 0.5
+    tokenize_actors: int = 2
     # Batches Ray prefetches in each worker while the model runs.
     prefetch_batches: int = 2
     # Earlier positives kept to fill missing negatives.
@@ -201,12 +203,13 @@ class TokenizeBatch:
 
     def __init__(self, spec: dict[str, Any]):
         self.spec = spec
+        self.enc = load_text_encoder(spec["tokenizer_dir"])
 
     def __call__(self, batch):  # batch: pyarrow.Table
         import pyarrow as pa
 
         spec = self.spec
-        enc = load_text_encoder(spec["tokenizer_dir"])
+        enc = self.enc
         cols = {c: batch.column(c).to_pylist() for c in READ_COLUMNS if c in batch.column_names}
         n = len(cols["id"])
         instr = cols.get("instruction") or [""] * n
@@ -254,20 +257,18 @@ def build_train_dataset(spec: StreamSpec):
 
     files = resolve_parquet_files(spec.paths)
     ds = ray.data.read_parquet(files, columns=READ_COLUMNS, shuffle=None)
+    # A small pool of long-lived tokenising actors: each pays the tokenizer (and torch) import
+    # once, where short tasks would pay it in every fresh worker process.
     ds = ds.map_batches(
-        _tokenize_task,
-        fn_kwargs={"spec": spec.to_dict()},
+        TokenizeBatch,
+        fn_constructor_kwargs={"spec": spec.to_dict()},
+        compute=ray.data.ActorPoolStrategy(size=spec.tokenize_actors),
         batch_format="pyarrow",
         batch_size=spec.tokenize_batch_rows,
         num_cpus=spec.tokenize_num_cpus,
     )
     ds.context.execution_options.preserve_order = True
     return ds
-
-
-def _tokenize_task(batch, spec: dict[str, Any]):
-    """Task form of :class:`TokenizeBatch` (the encoder is cached per worker process)."""
-    return TokenizeBatch(spec)(batch)
 
 
 def train_data_config(**kwargs):
