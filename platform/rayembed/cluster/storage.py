@@ -1,0 +1,237 @@
+"""One storage location for checkpoints, shards and manifests: a local folder or a ``pyarrow.fs`` URI.
+
+On a laptop every output is a local folder. On a cluster a job's driver, its Ray Train workers
+and its encoder actors run on different nodes, and the job's working directory is a temporary
+copy that vanishes with the job, so outputs must go to storage every node sees: a shared mount
+(NFS, EFS, Filestore; a plain absolute path) or an object store (``s3://``, ``gs://``, ``abfs://``).
+
+``resolve_storage`` turns either into a :class:`Storage` with a ``pyarrow.fs.FileSystem`` and a
+path inside it, so callers never branch on the kind::
+
+    from rayembed.cluster.storage import resolve_storage
+
+    st = resolve_storage(cfg.train.storage_path or f"{cfg.run_dir}/train/ray")
+    RunConfig(storage_path=st.uri, storage_filesystem=st.filesystem_for_ray_train(), ...)
+
+    out = resolve_storage(cfg.index.output_dir)        # the index writer
+    if out.is_local:
+        build_into(out.local_path)                      # write in place, atomically
+    else:
+        build_into(staging_dir); out.upload(staging_dir)   # then copy the finished folder up
+
+Local paths are made absolute at resolve time: a relative path under ``ray job submit`` would
+land inside the job's temporary working-directory copy and be lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+# Schemes pyarrow.fs knows (hdfs and viewfs need a Hadoop client at run time).
+KNOWN_SCHEMES = ("file", "local", "s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs", "viewfs")
+
+
+def uri_scheme(uri_or_path: str | os.PathLike) -> str | None:
+    """The URI scheme (``s3``, ``gs``, ``file``), or None for a plain path."""
+    m = _SCHEME.match(str(uri_or_path))
+    return m.group(1).lower() if m else None
+
+
+def is_remote(uri_or_path: str | os.PathLike) -> bool:
+    """True for object-store and HDFS URIs, False for local paths and ``file://``."""
+    return uri_scheme(uri_or_path) not in (None, "file", "local")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A location in a ``pyarrow.fs`` filesystem. Build it with :func:`resolve_storage`.
+
+    ``uri`` is what to hand to other tools (Ray Train's ``storage_path``, a manifest); ``path`` is
+    the path inside ``filesystem`` (no scheme, no bucket prefix for local paths).
+    """
+
+    uri: str
+    path: str
+    filesystem: Any  # pyarrow.fs.FileSystem
+
+    @property
+    def is_local(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    @property
+    def local_path(self) -> Path:
+        """The folder on this machine; only for local storage."""
+        if not self.is_local:
+            raise ValueError(f"{self.uri} is not a local path; use upload()/download() to move files.")
+        return Path(self.path)
+
+    def join(self, *parts: str) -> Storage:
+        """A location below this one (``parts`` are relative, '/'-separated)."""
+        for p in parts:
+            if p.startswith("/") or ".." in PurePosixPath(p).parts:
+                raise ValueError(f"Storage.join takes relative parts without '..', got {p!r}.")
+        path = str(PurePosixPath(self.path, *parts))
+        uri = self.uri.rstrip("/") + "/" + "/".join(parts) if parts else self.uri
+        return Storage(uri=uri, path=path, filesystem=self.filesystem)
+
+    # ----------------------------------------------------------------------------- queries
+
+    def exists(self, rel: str = "") -> bool:
+        import pyarrow.fs as pafs
+
+        target = self.join(rel) if rel else self
+        return self.filesystem.get_file_info(target.path).type != pafs.FileType.NotFound
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names directly below this location (empty when it does not exist)."""
+        import pyarrow.fs as pafs
+
+        target = self.join(rel) if rel else self
+        sel = pafs.FileSelector(target.path, allow_not_found=True, recursive=False)
+        return sorted(PurePosixPath(i.path).name for i in self.filesystem.get_file_info(sel))
+
+    # ----------------------------------------------------------------------------- reads and writes
+
+    def makedirs(self, rel: str = "") -> Storage:
+        target = self.join(rel) if rel else self
+        self.filesystem.create_dir(target.path, recursive=True)
+        return target
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write one file; atomic on local disks (temp file + rename) and on object stores (one PUT)."""
+        target = self.join(rel)
+        if self.is_local:
+            from rayembed.io import atomic_write_bytes
+
+            atomic_write_bytes(target.path, data)
+        else:
+            parent = str(PurePosixPath(target.path).parent)
+            self.filesystem.create_dir(parent, recursive=True)
+            with self.filesystem.open_output_stream(target.path) as f:
+                f.write(data)
+        return target.uri
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.filesystem.open_input_stream(self.join(rel).path) as f:
+            return f.read()
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_bytes(rel, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def upload(self, local_dir: str | os.PathLike, rel: str = "") -> Storage:
+        """Copy a finished local folder to this location (or ``rel`` below it); returns the target."""
+        import pyarrow.fs as pafs
+
+        src = Path(local_dir).resolve()
+        if not src.is_dir():
+            raise FileNotFoundError(f"Nothing to upload: {src} is not a folder.")
+        target = self.join(rel) if rel else self
+        self.filesystem.create_dir(target.path, recursive=True)
+        pafs.copy_files(str(src), target.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.filesystem)
+        logger.info("Copied %s to %s", src, target.uri)
+        return target
+
+    def download(self, local_dir: str | os.PathLike, rel: str = "") -> Path:
+        """Copy this location (or ``rel`` below it) into a local folder; returns that folder."""
+        import pyarrow.fs as pafs
+
+        src = self.join(rel) if rel else self
+        if not src.exists():
+            raise FileNotFoundError(f"Nothing to download: {src.uri} does not exist.")
+        dst = Path(local_dir).resolve()
+        dst.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(src.path, str(dst), source_filesystem=self.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return dst
+
+    # ----------------------------------------------------------------------------- Ray Train
+
+    def ray_train_kwargs(self) -> dict[str, Any]:
+        """``RunConfig(**st.ray_train_kwargs(), ...)``: the storage path, plus the filesystem for URIs.
+
+        Ray Train resolves plain URIs itself; handing it the same filesystem object keeps any
+        options given in the URI (region, endpoint_override) in force.
+        """
+        if self.is_local:
+            return {"storage_path": self.path}
+        return {"storage_path": self.path, "storage_filesystem": self.filesystem}
+
+
+def resolve_storage(uri_or_path: str | os.PathLike, *, base: str | os.PathLike | None = None) -> Storage:
+    """A :class:`Storage` for a local path, ``file://`` URI or any ``pyarrow.fs`` URI.
+
+    Relative local paths resolve against ``base`` (default: the current directory) and become
+    absolute. URIs keep their query options, e.g. ``s3://bucket/runs?region=us-west-2`` or
+    ``s3://bucket/runs?endpoint_override=minio:9000&scheme=http`` for MinIO.
+
+    Raises ValueError for an empty value or a scheme pyarrow cannot open, naming the fix.
+    """
+    import pyarrow.fs as pafs
+
+    raw = str(uri_or_path).strip() if uri_or_path is not None else ""
+    if not raw:
+        raise ValueError("Empty storage location; give a folder or a URI such as s3://bucket/runs.")
+    scheme = uri_scheme(raw)
+    if scheme is None:
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = Path(base or os.getcwd()) / path
+        path = Path(os.path.abspath(path))
+        return Storage(uri=str(path), path=str(path), filesystem=pafs.LocalFileSystem())
+    if scheme not in KNOWN_SCHEMES:
+        raise ValueError(
+            f"Storage URI {raw!r} has scheme '{scheme}', which pyarrow.fs cannot open; use a folder "
+            f"(a shared mount on a cluster) or one of {', '.join(s + '://' for s in KNOWN_SCHEMES)}."
+        )
+    try:
+        fs, path = pafs.FileSystem.from_uri(raw)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError with its own wording
+        raise ValueError(
+            f"Cannot open storage {raw!r}: {e}. Check the URI, the credentials of this machine "
+            "(AWS_*/GOOGLE_APPLICATION_CREDENTIALS) and that pyarrow was built with this filesystem."
+        ) from e
+    uri = raw.split("?", 1)[0].rstrip("/") or raw
+    if isinstance(fs, pafs.LocalFileSystem):
+        uri = path
+    return Storage(uri=uri, path=path.rstrip("/") or path, filesystem=fs)
+
+
+def warn_if_node_local(storage: Storage, what: str) -> bool:
+    """Log a warning when a local path is used on a multi-node Ray cluster; True if it warned.
+
+    A local path is fine there only if it is a shared mount present on every node; Ray cannot
+    tell, so this says what to check instead of failing.
+    """
+    if not storage.is_local:
+        return False
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return False
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+    except Exception:  # noqa: BLE001 - a failed probe must never fail the job
+        return False
+    if len(alive) <= 1:
+        return False
+    logger.warning(
+        "%s is the local path %s on a %d-node Ray cluster: it must be a shared mount (NFS/EFS) that "
+        "every node sees, or outputs written on other nodes are lost. Otherwise use s3:// or gs://.",
+        what, storage.uri, len(alive),
+    )
+    return True
