@@ -21,6 +21,7 @@ COMMANDS = [
     "serve_llm",
     "serve",
     "eval",
+    "submit",
     "config",
 ]
 
