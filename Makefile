@@ -38,6 +38,16 @@ test: install
 test-fast: install
 	RAY_AUTH_MODE=disabled $(PY) -m pytest tests -m "not slow"
 
+# Every benchmark script (bench/*.py but report.py), then bench/RESULTS.md gathered from bench/out/*.json.
+# A failing benchmark does not stop the others; the target fails at the end if any did.
+bench: install
+	@failed=""; for f in bench/*.py; do \
+		[ "$$(basename $$f)" = report.py ] && continue; \
+		echo "== $$f"; $(PY) $$f || failed="$$failed $$f"; \
+	done; \
+	$(PY) bench/report.py; \
+	if [ -n "$$failed" ]; then echo "failed:$$failed"; exit 1; fi
+
 lint: install
 	$(VENV)/bin/ruff check platform tests jobs serving bench
 
