@@ -20,6 +20,8 @@ COMMANDS = [
     "synth",
     "serve_llm",
     "serve",
+    "index",
+    "search",
     "eval",
     "submit",
     "config",

@@ -425,6 +425,9 @@ class IndexBuild:
             "shards": shards,
             "trained": self.plan.get("trained"),
             "embedder": self.identity,
+            # What to load to query this index: a registered name, a hub id or a saved folder.
+            "embedder_name": (corpus_info or {}).pop("embedder_name", None)
+            or self.identity.get("path") or self.identity.get("base_model"),
             "corpus": {**(corpus_info or {}), **self.plan["key"]["corpus"], "stats": self.plan["stats"]},
             "config": self.config,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -529,6 +532,8 @@ def build_index_in_process(
         encode, emb.identity(), emb.dim, docs, out_dir, index_type=index_type, num_shards=num_shards,
         shard_size=shard_size, format=format, mapping=mapping, limit=limit, overwrite=overwrite,
         use_gpu=use_gpu, on_shard=on_shard, batch_size=max(batch_size, 256),
+        embedder_name=str(embedder_or_path) if isinstance(embedder_or_path, (str, os.PathLike))
+        else (getattr(emb, "source", None) or emb.config.base_model),
         extra_key={"doc_instruction": doc_instruction, "include_title": mapping.include_title,
                    "max_length": max_length},
         **index_opts,
@@ -554,6 +559,7 @@ def build_with_encoder(
     batch_size: int = 1024,
     extra_key: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
+    embedder_name: str | None = None,
     **index_opts: Any,
 ) -> Path:
     """The in-process build with any ``encode(texts) -> (n, dim)`` function (e.g. precomputed vectors).
@@ -586,7 +592,7 @@ def build_with_encoder(
         for i in range(0, len(texts), batch_size):
             writer.add(ids[i : i + batch_size], encode(ids[i : i + batch_size], texts[i : i + batch_size]))
     writer.close()
-    return build.finish({"mapping": mapping.__dict__})
+    return build.finish({"mapping": mapping.__dict__, "embedder_name": embedder_name})
 
 
 def build_index_from_vectors(vectors: np.ndarray, out_dir: str | os.PathLike, *,
