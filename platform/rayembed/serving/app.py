@@ -338,11 +338,30 @@ class Retriever:
             loaded = await asyncio.to_thread(self._open, str(index_dir), self._encoder_info)
             old = self._loaded
             self._loaded = loaded
+        if old is None:
+            await self._warn_if_exposed()
         logger.info(
             "Serving index %s (version %s, %d vectors) after %.1f s%s",
             index_dir, loaded.version, loaded.index.ntotal, time.perf_counter() - t0,
             f"; replaced version {old.version}" if old else "",
         )
+
+    async def _warn_if_exposed(self) -> None:
+        """Under ``serve deploy`` the bind address is in the Serve config; check it from here."""
+        if _STATE.api_key is not None:
+            return
+        try:
+            import ray
+            from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+            controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+            http = await asyncio.wait_for(controller.get_http_config.remote(), timeout=5)
+        except Exception as e:  # the check is advisory; never block serving on it
+            logger.debug("Could not read the HTTP bind address: %s", e)
+            return
+        from rayembed.serving.auth import warn_if_exposed
+
+        warn_if_exposed(http.host, None, self.cfg.api_key_env)
 
     def _open(self, index_dir: str, encoder_info: dict[str, Any]) -> _Loaded:
         from rayembed.index import ShardedIndex

@@ -1,0 +1,259 @@
+"""Serving latency and throughput: the Ray Serve endpoint under bounded load on 127.0.0.1.
+
+    .venv/bin/python bench/serve.py                      # c = 1, 8, 32; 300 requests per client level
+    .venv/bin/python bench/serve.py --requests 150       # quicker
+
+Index: the MS MARCO subset (5,000 passages) encoded with all-MiniLM-L6-v2, built once in process
+and cached under $RAYEMBED_CACHE/bench/. Load: closed loop, ``c`` clients each sending
+``POST /search`` (one query, k=10) over keep-alive connections, cycling the 50 real queries.
+Prints p50/p95/p99 latency and QPS per concurrency, and the same encoder + search called in
+process (one query at a time, and batched by 32) to show what Serve adds. Writes
+bench/out/serve.json. Goals on 2 cores: p50 < 30 ms at c=1; QPS at c=32 >= 3x c=1.
+
+The load generator is a minimal asyncio HTTP/1.1 client so that it takes as little as possible
+of the CPU it shares with the server; numbers on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from rayembed.io import atomic_write_json
+from rayembed.runtime import cache_dir, resolve_data_dir, setup_logging
+
+INSTRUCTION = None  # all-MiniLM-L6-v2 is not instruction-tuned: queries are encoded as written
+
+
+def build_assets() -> tuple[Path, Path]:
+    """The saved MiniLM embedder and its MS MARCO subset index (built once, then reused)."""
+    from rayembed.index import build_index_in_process
+    from rayembed.modeling.embedder import Embedder
+
+    root = cache_dir() / "bench" / "serve"
+    emb_dir, idx_dir = root / "all-minilm-l6-v2", root / "msmarco-minilm-flat"
+    if not (emb_dir / "embedder_config.json").exists():
+        Embedder.from_pretrained("all-minilm-l6-v2").save_pretrained(emb_dir)
+    if not (idx_dir / "manifest.json").exists():
+        t0 = time.perf_counter()
+        corpus = resolve_data_dir() / "msmarco-subset" / "corpus.jsonl"
+        build_index_in_process(str(emb_dir), corpus, idx_dir, index_type="flat", num_shards=2, batch_size=64)
+        print(f"built index {idx_dir} in {time.perf_counter() - t0:.1f} s")
+    return emb_dir, idx_dir
+
+
+def load_queries() -> list[str]:
+    path = resolve_data_dir() / "msmarco-subset" / "queries.jsonl"
+    return [json.loads(line)["text"] for line in path.open()]
+
+
+def percentiles(lat_s: list[float]) -> dict[str, float]:
+    a = np.asarray(lat_s) * 1000.0
+    return {f"p{p}_ms": round(float(np.percentile(a, p)), 2) for p in (50, 95, 99)}
+
+
+# ----------------------------------------------------------------------------- load generator
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection speaking just enough of the protocol for JSON POSTs."""
+
+    def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
+        self.host, self.port = host, port
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{self.extra}\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status_line = await self.reader.readuntil(b"\r\n")
+        status = int(status_line.split()[1])
+        length, chunked = 0, False
+        while True:
+            line = await self.reader.readuntil(b"\r\n")
+            if line == b"\r\n":
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+        if not chunked:
+            return status, await self.reader.readexactly(length)
+        data = b""
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return status, data
+            data += chunk[:-2]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def run_level(url: str, headers: dict[str, str], queries: list[str], concurrency: int,
+                    per_client: int, k: int) -> dict:
+    u = urlparse(url)
+    prefix = u.path.rstrip("/")
+    lat: list[float] = []
+    errors = 0
+    bodies = [json.dumps({"query": q, "k": k}).encode() for q in queries]
+
+    async def client(ci: int, n: int, record: bool) -> None:
+        nonlocal errors
+        conn = Conn(u.hostname, u.port, headers)
+        try:
+            for j in range(n):
+                body = bodies[(ci * 7 + j) % len(bodies)]
+                t0 = time.perf_counter()
+                status, _ = await conn.post(prefix + "/search", body)
+                if record:
+                    lat.append(time.perf_counter() - t0)
+                    errors += status != 200
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(client(i, 3, False) for i in range(concurrency)))  # warm-up
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i, per_client, True) for i in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors,
+            "qps": round(len(lat) / wall, 1), **percentiles(lat)}
+
+
+# ----------------------------------------------------------------------------- in-process baseline
+
+
+def in_process(emb_dir: Path, idx_dir: Path, queries: list[str], n: int, k: int) -> dict:
+    """The same encoder and search without Serve: one query per call, then batches of 32."""
+    from rayembed.index import ShardedIndex
+    from rayembed.modeling.embedder import Embedder
+
+    emb = Embedder.from_pretrained(str(emb_dir))
+    idx = ShardedIndex.open(idx_dir)
+
+    def answer(qs: list[str]) -> None:
+        scores, ids = idx.search(emb.encode(qs, instruction=INSTRUCTION, batch_size=len(qs)), k)
+        for row in ids:
+            idx.get_documents(row[row >= 0])
+
+    for q in queries[:5]:
+        answer([q])
+    lat = []
+    t0 = time.perf_counter()
+    for j in range(n):
+        s = time.perf_counter()
+        answer([queries[j % len(queries)]])
+        lat.append(time.perf_counter() - s)
+    single_qps = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        batch = [queries[(done + i) % len(queries)] for i in range(32)]
+        answer(batch)
+        done += 32
+    batched_qps = done / (time.perf_counter() - t0)
+    idx.close()
+    return {"single": {"qps": round(single_qps, 1), **percentiles(lat)}, "batched32_qps": round(batched_qps, 1)}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=300, help="Requests per concurrency level (spread over clients).")
+    ap.add_argument("--concurrency", default="1,8,32", help="Comma-separated client counts.")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--batch-wait-ms", type=float, default=3.0, help="serve.batch_wait_timeout_s in ms.")
+    ap.add_argument("--torch-threads", type=int, default=2, help="torch threads in the QueryEncoder.")
+    args = ap.parse_args()
+    setup_logging("WARNING")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    emb_dir, idx_dir = build_assets()
+    queries = load_queries()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    base = in_process(emb_dir, idx_dir, queries, n=200, k=args.k)
+    print(f"in-process   c=1 p50 {base['single']['p50_ms']:.1f} ms  p99 {base['single']['p99_ms']:.1f} ms  "
+          f"{base['single']['qps']:.1f} QPS;  batched by 32: {base['batched32_qps']:.1f} QPS")
+
+    from rayembed.config import load_config
+    from rayembed.serving import start_server, stop_server
+
+    tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
+    cfg = load_config(None, [
+        f"serve.port={args.port}", "serve.access_log=false", f"serve.batch_wait_timeout_s={args.batch_wait_ms / 1000}",
+        f"serve.torch_threads={args.torch_threads}", "serve.max_batch_size=32",
+        "compute.num_cpus=4", "compute.object_store_memory_mb=256", f"compute.temp_dir={tmp}",
+        "compute.log_to_driver=false",
+    ])
+    key = os.environ.get(cfg.serve.api_key_env)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    t0 = time.perf_counter()
+    url = start_server(cfg, index_dir=idx_dir)
+    startup_s = time.perf_counter() - t0
+    print(f"endpoint up at {url} in {startup_s:.1f} s")
+    rows = []
+    try:
+        for c in levels:
+            per_client = max(3, args.requests // c)
+            row = asyncio.run(run_level(url, headers, queries, c, per_client, args.k))
+            rows.append(row)
+            print(f"serve        c={c:<3d} p50 {row['p50_ms']:6.1f} ms  p95 {row['p95_ms']:6.1f} ms  "
+                  f"p99 {row['p99_ms']:6.1f} ms  {row['qps']:7.1f} QPS  ({row['requests']} requests, "
+                  f"{row['errors']} errors)")
+        import httpx
+
+        stats = httpx.get(url + "/stats", headers=headers, timeout=30).json()["encoder"]
+    finally:
+        stop_server()
+    by_c = {r["concurrency"]: r for r in rows}
+    goals = {}
+    if 1 in by_c:
+        goals["p50_c1_under_30ms"] = by_c[1]["p50_ms"] < 30.0
+    if 1 in by_c and 32 in by_c:
+        goals["qps_c32_ratio"] = round(by_c[32]["qps"] / by_c[1]["qps"], 2)
+        goals["qps_c32_at_least_3x_c1"] = goals["qps_c32_ratio"] >= 3.0
+    print(f"encoder batches: mean size {stats['mean_batch_size']:.1f}, largest {stats['max_batch_size_seen']}")
+    print("goals:", goals)
+    result = {
+        "bench": "serve",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "note": "shared machine; noisy"},
+        "model": "all-minilm-l6-v2",
+        "index": {"corpus": "msmarco-subset", "docs": 5000, "type": "flat", "shards": 2},
+        "k": args.k,
+        "settings": {"batch_wait_timeout_s": args.batch_wait_ms / 1000, "max_batch_size": 32,
+                     "torch_threads": args.torch_threads},
+        "startup_s": round(startup_s, 1),
+        "in_process": base,
+        "serve": rows,
+        "encoder_batches": {k: stats[k] for k in ("batches", "texts", "mean_batch_size", "max_batch_size_seen")},
+        "goals": goals,
+    }
+    out = Path(__file__).parent / "out" / "serve.json"
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
