@@ -257,6 +257,9 @@ def build_train_dataset(spec: StreamSpec):
 
     files = resolve_parquet_files(spec.paths)
     ds = ray.data.read_parquet(files, columns=READ_COLUMNS, shuffle=None)
+    # Small blocks, so tokenising and delivery stream (the reader may return one block for
+    # many small files); streaming repartition keeps the order.
+    ds = ds.repartition(target_num_rows_per_block=spec.tokenize_batch_rows)
     # A small pool of long-lived tokenising actors: each pays the tokenizer (and torch) import
     # once, where short tasks would pay it in every fresh worker process.
     ds = ds.map_batches(
