@@ -59,6 +59,8 @@ class ShardedIndex:
         self._params = (None, None)
         self._pool = ThreadPoolExecutor(max_workers=min(len(shards), os.cpu_count() or 1)) if len(shards) > 1 else None
         self.set_search_params(nprobe=self.spec.nprobe, ef_search=self.spec.ef_search)
+        # Few queries on big flat shards: faiss uses one thread per query, so search shards in parallel.
+        self._scan_heavy = self.spec.index_type == "flat" and self.ntotal / max(len(shards), 1) >= 50_000
 
     # ------------------------------------------------------------------ opening
 
@@ -166,8 +168,9 @@ class ShardedIndex:
         with self._lock:
             self._apply(nprobe if nprobe is not None else self._default[0],
                         ef_search if ef_search is not None else self._default[1])
-            if self._pool is None or n >= 64:
+            if self._pool is None or n >= 64 or not self._scan_heavy:
                 # Large batches: each shard already uses every core (OpenMP over queries).
+                # IVF/HNSW single queries: a shard takes microseconds, less than a thread hop.
                 parts = [s.search(q, kk) for s in self._shards]
             else:
                 parts = list(self._pool.map(lambda s: s.search(q, kk), self._shards))
