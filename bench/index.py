@@ -154,6 +154,14 @@ def bench_search(name: str, x: np.ndarray, q: np.ndarray, work: Path, k: int = 1
 # ----------------------------------------------------------------------------- 3. sharding
 
 
+def per_query(idx, q: np.ndarray, k: int, params: dict) -> float:
+    """Queries/s when queries arrive one at a time (the serving case)."""
+    t = time.perf_counter()
+    for row in q:
+        idx.search(row[None], k, **params)
+    return len(q) / (time.perf_counter() - t)
+
+
 def bench_sharding(x: np.ndarray, q: np.ndarray, work: Path, k: int = 10) -> dict:
     from rayembed.index import ShardedIndex, build_index_from_vectors
 
@@ -168,12 +176,7 @@ def bench_sharding(x: np.ndarray, q: np.ndarray, work: Path, k: int = 10) -> dic
         for batch in (len(q), 1):
             qq = q if batch > 1 else q[:50]
             if batch == 1:
-                def per_query(idx):
-                    t = time.perf_counter()
-                    for row in qq:
-                        idx.search(row[None], k, **params)
-                    return len(qq) / (time.perf_counter() - t)
-                qps1, qps8 = per_query(one), per_query(eight)
+                qps1, qps8 = per_query(one, qq, k, params), per_query(eight, qq, k, params)
             else:
                 _, qps1 = timed_search(one, qq, k, **params)
                 _, qps8 = timed_search(eight, qq, k, **params)
