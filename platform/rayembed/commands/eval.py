@@ -49,7 +49,11 @@ def _parse_models(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
     from pathlib import Path
+
+    # bm25s sets its own logger to DEBUG on import; keep it at the level the user asked for.
+    import bm25s  # noqa: F401
 
     from rayembed.cli import load_from_args
     from rayembed.config import save_resolved
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from rayembed.evaluate.runner import run_passkey_for, write_results
     from rayembed.runtime import resolve_data_dir
 
+    logging.getLogger("bm25s").setLevel(max(logging.getLogger().level, logging.INFO))
     cfg = load_from_args(args)
     ev = cfg.eval
     models = _parse_models(args.model) if args.model else dict(ev.models)
