@@ -192,8 +192,28 @@ def bench_sharding(x: np.ndarray, q: np.ndarray, work: Path, k: int = 10) -> dic
 # ----------------------------------------------------------------------------- main
 
 
-def msmarco_vectors(data_dir: Path, cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """MiniLM vectors of the 5,000 MS MARCO passages and 50 queries (encoded once, cached)."""
+def vectors_of_flat_index(path: Path) -> np.ndarray:
+    """The stored vectors of a flat fp32 rayembed index, in global-id order."""
+    import faiss
+
+    from rayembed.index import ShardedIndex
+
+    idx = ShardedIndex.open(path)
+    if idx.manifest["factory"] != "Flat":
+        raise ValueError(f"{path} is a {idx.manifest['factory']} index; --real-index needs a flat fp32 one.")
+    out = np.zeros((idx.ntotal, idx.dim), np.float32)
+    for shard in idx.shards:
+        idmap = faiss.downcast_index(shard)
+        out[faiss.vector_to_array(idmap.id_map)] = faiss.downcast_index(idmap.index).reconstruct_n(0, shard.ntotal)
+    return out
+
+
+def msmarco_vectors(data_dir: Path, cache: Path, real_index: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MiniLM vectors of the 5,000 MS MARCO passages and 50 queries (encoded once, cached).
+
+    ``real_index``: a flat index of the subset built by ``rayembed index`` with all-MiniLM-L6-v2,
+    whose stored vectors are reused instead of encoding the corpus again.
+    """
     path = cache / "msmarco-minilm.npz"
     if path.exists():
         z = np.load(path, allow_pickle=False)
@@ -202,9 +222,12 @@ def msmarco_vectors(data_dir: Path, cache: Path) -> tuple[np.ndarray, np.ndarray
     from rayembed.modeling.embedder import Embedder
 
     emb = Embedder.from_pretrained(MODEL)
-    rows = [json.loads(line) for line in (data_dir / "msmarco-subset/corpus.jsonl").open()]
     queries = [json.loads(line)["text"] for line in (data_dir / "msmarco-subset/queries.jsonl").open()]
-    docs = emb.encode([encode_text(r["text"], r.get("title"), True) for r in rows], batch_size=64)
+    if real_index:
+        docs = vectors_of_flat_index(Path(real_index))
+    else:
+        rows = [json.loads(line) for line in (data_dir / "msmarco-subset/corpus.jsonl").open()]
+        docs = emb.encode([encode_text(r["text"], r.get("title"), True) for r in rows], batch_size=64)
     qv = emb.encode(queries)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, docs=docs, queries=qv)
@@ -217,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=1000, help="Random queries (default 1000).")
     p.add_argument("--encode-docs", type=int, default=5000, help="MS MARCO passages for the encoding figure.")
     p.add_argument("--shard-n", type=int, default=200_000, help="Vectors in the sharding comparison.")
+    p.add_argument("--real-index", help="A flat MiniLM index of the MS MARCO subset to take real vectors from.")
     p.add_argument("--skip", nargs="*", default=[], choices=["encode", "random", "real", "shard"])
     p.add_argument("--out", default=str(REPO / "bench/out/index.json"))
     args = p.parse_args(argv)
@@ -238,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             results["search_random"] = bench_search("random", x, q, work)
             del x
         if "real" not in args.skip:
-            docs, queries = msmarco_vectors(data_dir, cache_dir() / "bench")
+            docs, queries = msmarco_vectors(data_dir, cache_dir() / "bench", args.real_index)
             results["search_msmarco_minilm"] = bench_search("msmarco-minilm", docs, queries, work)
         if "shard" not in args.skip:
             x = unit(rng.standard_normal((args.shard_n, 384), dtype=np.float32))

@@ -22,7 +22,7 @@ from rayembed.index.manifest import IndexIntegrityError, UnsafePathError
 
 if TYPE_CHECKING:
     from rayembed.index.builder import build_index_from_vectors, build_index_in_process
-    from rayembed.index.ray_build import EncoderActor, build_index
+    from rayembed.index.ray_build import EncoderActor, build_index, build_indexes
     from rayembed.index.sharded import ShardedIndex
 
 _LAZY = {
@@ -30,6 +30,7 @@ _LAZY = {
     "build_index_in_process": "rayembed.index.builder",
     "build_index_from_vectors": "rayembed.index.builder",
     "build_index": "rayembed.index.ray_build",
+    "build_indexes": "rayembed.index.ray_build",
     "EncoderActor": "rayembed.index.ray_build",
 }
 
@@ -50,5 +51,6 @@ __all__ = [
     "UnsafePathError",
     "build_index",
     "build_index_from_vectors",
+    "build_indexes",
     "build_index_in_process",
 ]

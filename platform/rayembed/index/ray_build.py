@@ -241,3 +241,21 @@ def build_index(cfg: Any) -> Path:
         secs = time.perf_counter() - writer.t0
         logger.info("Encoded %d documents in %.1fs (%.1f docs/s)", writer.rows, secs, writer.rows / secs)
     return build.finish({"mapping": mapping.__dict__, "embedder_name": name})
+
+
+def build_indexes(cfg: Any, corpora: dict[str, str], *, embedder: str | None = None) -> dict[str, Path]:
+    """Index several corpora with one embedder (e.g. the model a pipeline just trained).
+
+    ``corpora`` maps a name to a corpus (``{"msmarco": "msmarco-subset", "cranfield": "cranfield"}``;
+    the format is detected: BEIR folder, SMART ``cran.all.1400``, JSONL, Parquet). Each index goes
+    to ``<index.output_dir or run_dir/index>/<name>``. Returns ``{name: manifest path}``.
+    """
+    import dataclasses
+
+    base = Path(cfg.index.output_dir or Path(cfg.run_dir) / "index")
+    out: dict[str, Path] = {}
+    for name, corpus in corpora.items():
+        icfg = dataclasses.replace(cfg.index, corpus=corpus, format="auto", output_dir=str(base / name),
+                                   embedder=embedder or cfg.index.embedder)
+        out[name] = build_index(dataclasses.replace(cfg, index=icfg))
+    return out
