@@ -73,7 +73,7 @@ def test_core_kinds_validate_against_kubernetes_schemas():
 
     core = [(p, d) for p, d in _all_k8s_docs() if d["kind"] not in KUBERAY_KINDS]
     assert core
-    for path, d in core:
+    for _path, d in core:
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
 
 
@@ -82,7 +82,7 @@ def test_pod_templates_validate_as_kubernetes_pod_templates():
     import kubernetes_validate
 
     n = 0
-    for path, d in _all_k8s_docs():
+    for _path, d in _all_k8s_docs():
         if d["kind"] not in KUBERAY_KINDS:
             continue
         for cspec in _cluster_specs(d):

@@ -58,4 +58,4 @@ def test_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="not a local path"):
         from rayembed.cluster.storage import Storage
 
-        Storage(uri="s3://b/x", path="b/x", filesystem=object()).local_path
+        _ = Storage(uri="s3://b/x", path="b/x", filesystem=object()).local_path
