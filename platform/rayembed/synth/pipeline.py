@@ -272,6 +272,7 @@ class _Run:
         self.stopped: str | None = None
         self.resumed_chunks = 0
         self.new_chunks = 0
+        self.this_run: dict[str, Any] = {"requests": 0, "accepted": 0, "commit_times": {}, "chunk_requests": {}}
 
     def over_budget(self) -> bool:
         b = self.sc.max_cost_usd
@@ -351,6 +352,8 @@ def _run_stage(run: _Run, stage: str, specs: list[PromptSpec], commit) -> dict[s
             while next_i in pending:
                 st = commit(next_i, pending.pop(next_i))
                 new = merge_stats(new, st)
+                run.this_run["commit_times"].setdefault(stage, []).append(time.monotonic() - t0)
+                run.this_run["chunk_requests"].setdefault(stage, []).append(st["requests"])
                 run.cost += st.get("cost_usd", 0.0)
                 run.new_chunks += 1
                 next_i += 1
@@ -372,6 +375,9 @@ def _run_stage(run: _Run, stage: str, specs: list[PromptSpec], commit) -> dict[s
             close()
     totals = merge_stats(totals, new)
     totals["elapsed_s"] = time.monotonic() - t0
+    run.this_run["requests"] += new["requests"]
+    run.this_run["accepted"] += new["accepted"]
+    run.this_run[f"{stage}_s"] = totals["elapsed_s"]
     return totals
 
 
@@ -529,6 +535,15 @@ def run_synth(cfg) -> dict[str, Any]:
     return summary
 
 
+def _steady_rate(this_run: dict[str, Any], stage: str) -> float | None:
+    """Requests/s between the first and the last chunk commit (leaves out actor start-up)."""
+    times = this_run["commit_times"].get(stage, [])
+    reqs = this_run["chunk_requests"].get(stage, [])
+    if len(times) < 2 or times[-1] <= times[0]:
+        return None
+    return round(sum(reqs[1:]) / (times[-1] - times[0]), 3)
+
+
 def build_summary(sc, out, seed, base_url, bs, gen, run, elapsed) -> dict[str, Any]:
     reasons = dict(gen.get("rejected_by_reason", {}))
     for r, n in bs.get("rejected_by_reason", {}).items():
@@ -561,4 +576,11 @@ def build_summary(sc, out, seed, base_url, bs, gen, run, elapsed) -> dict[str, A
         "stopped_early": run.stopped,
         "peak_in_flight": max(bs.get("peak_in_flight", 0), gen.get("peak_in_flight", 0)),
         "elapsed_s": round(elapsed, 3),
+        "this_run": {
+            "requests": run.this_run["requests"],
+            "accepted": run.this_run["accepted"],
+            "brainstorm_s": round(run.this_run.get("brainstorm_s", 0.0), 3),
+            "generate_s": round(run.this_run.get("generate_s", 0.0), 3),
+            "generate_steady_requests_per_s": _steady_rate(run.this_run, "generate"),
+        },
     }
