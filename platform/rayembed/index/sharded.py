@@ -208,19 +208,19 @@ class ShardedIndex:
         Each is ``{"id", "doc_id", "text", "title"}`` plus ``"metadata"`` where the corpus had some.
         """
         ids = np.asarray(ids, dtype=np.int64).ravel()
-        out: list[dict[str, Any] | None] = []
-        for gid in ids.tolist():
-            if gid == -1:
-                out.append(None)
-                continue
-            if not 0 <= gid < self.ntotal:
-                raise KeyError(f"id {gid} is not in this index (0..{self.ntotal - 1}).")
-            si = int(np.searchsorted(self._starts, gid, side="right") - 1)
-            row = self._docs_of(si).slice(gid - int(self._starts[si]), 1).to_pylist()[0]
-            doc = {"id": int(row["id"]), "doc_id": row["doc_id"], "text": row["text"], "title": row["title"] or ""}
-            if row.get("metadata"):
-                doc["metadata"] = json.loads(row["metadata"])
-            out.append(doc)
+        bad = ids[(ids != -1) & ((ids < 0) | (ids >= self.ntotal))]
+        if len(bad):
+            raise KeyError(f"id {int(bad[0])} is not in this index (0..{self.ntotal - 1}).")
+        out: list[dict[str, Any] | None] = [None] * len(ids)
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        for si in np.unique(shard_of[ids >= 0]):
+            pos = np.flatnonzero((shard_of == si) & (ids >= 0))
+            rows = self._docs_of(int(si)).take(ids[pos] - self._starts[si]).to_pylist()
+            for p, row in zip(pos.tolist(), rows):
+                doc = {"id": int(row["id"]), "doc_id": row["doc_id"], "text": row["text"], "title": row["title"] or ""}
+                if row.get("metadata"):
+                    doc["metadata"] = json.loads(row["metadata"])
+                out[p] = doc
         return out
 
     # ------------------------------------------------------------------ merging
