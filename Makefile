@@ -30,7 +30,10 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(PY) jobs/demo.py
+	$(VENV)/bin/rayembed pipeline --config jobs/configs/local/demo.yaml
+
+demo-quick: install
+	$(VENV)/bin/rayembed pipeline --config jobs/configs/local/demo-quick.yaml
 
 test: install
 	RAY_AUTH_MODE=disabled $(PY) -m pytest tests

@@ -24,6 +24,7 @@ COMMANDS = [
     "search",
     "eval",
     "submit",
+    "pipeline",
     "config",
 ]
 
@@ -75,9 +76,10 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from rayembed.config import ConfigError
-    from rayembed.runtime import setup_logging
+    from rayembed.runtime import prefer_loopback, setup_logging
     from rayembed.security import redact_text
 
+    prefer_loopback()  # before any command imports ray
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

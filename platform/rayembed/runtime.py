@@ -66,6 +66,16 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def prefer_loopback() -> None:
+    """Make a Ray started by this process bind to 127.0.0.1 only, unless attaching to a cluster.
+
+    Ray reads this switch once, at import: call before anything imports ray. Under
+    ``ray job submit`` (RAY_ADDRESS set) nothing changes.
+    """
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def init_ray(compute: "ComputeConfig | None" = None, **overrides):
     """Attach to a Ray cluster, or start a local one when there is none to attach to.
 

@@ -33,6 +33,7 @@ from rayembed.config.data import DataConfig
 from rayembed.config.eval import EvalConfig
 from rayembed.config.index import IndexConfig
 from rayembed.config.model import ModelConfig
+from rayembed.config.pipeline import PipelineConfig
 from rayembed.config.serve import ServeConfig
 from rayembed.config.synth import SynthConfig
 from rayembed.config.train import TrainConfig
@@ -57,6 +58,7 @@ class RayembedConfig:
     serve: ServeConfig = option(help="Ray Serve retrieval endpoint.", factory=ServeConfig)
     eval: EvalConfig = option(help="Retrieval evaluation.", factory=EvalConfig)
     compute: ComputeConfig = option(help="Ray cluster connection and resources.", factory=ComputeConfig)
+    pipeline: PipelineConfig = option(help="The end-to-end `rayembed pipeline`.", factory=PipelineConfig)
 
 
 # ----------------------------------------------------------------------------- machinery
@@ -265,6 +267,7 @@ __all__ = [
     "EvalConfig",
     "IndexConfig",
     "ModelConfig",
+    "PipelineConfig",
     "ServeConfig",
     "SynthConfig",
     "TrainConfig",

@@ -1,0 +1,83 @@
+"""`rayembed pipeline` runs every stage end to end with a tiny model and writes a report.
+
+The LLM is the scripted OpenAI-compatible server of the synth tests (a real HTTP server on
+127.0.0.1, driven through the openai client); the data is the real local data, sliced small.
+"""
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "synth"))
+
+from scripted_server import ScriptedLLM  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_quick_pipeline_runs_every_stage(tmp_path, data_dir, ray_local, monkeypatch):
+    from rayembed.config import load_config
+    from rayembed.pipeline import run_pipeline
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-pipeline-test-key-0123456789")
+    llm = ScriptedLLM()
+    base_url = llm.start()
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        cfg = load_config(repo / "jobs/configs/local/demo-quick.yaml", [
+            f"run_dir={tmp_path / 'run'}",
+            f"data_dir={data_dir}",
+            "model.name_or_path=tiny-llama",
+            "model.max_length=64",
+            "synth.launch_local_llm=false",
+            f"synth.base_url={base_url}",
+            "synth.model=scripted",
+            "synth.num_examples={short-long: 2, sts: 2}",
+            "synth.tasks_per_brainstorm=2",
+            "data.sources=[{name: stsb, format: stsb, path: stsb/sts-train.csv, max_rows: 200}, "
+            "{name: weak-cranfield, format: weak, path: cranfield, weak_mode: both, max_rows: 200}]",
+            "train.num_workers=1",
+            "train.batch_size=8",
+            "train.max_steps=3",
+            "train.checkpoint_every=3",
+            "index.limit=300",
+            "eval.datasets=[{name: cranfield, path: cranfield, format: smart, max_queries: 10, max_docs: 150}]",
+            "pipeline.baselines={BM25: bm25}",
+            f"pipeline.serve_port={_free_port()}",
+            "pipeline.demo_queries=[what is lift on a wing]",
+        ])
+        report = run_pipeline(cfg)
+    finally:
+        llm.stop()
+
+    run = tmp_path / "run"
+    text = report.read_text()
+    for stage in ("synth", "data", "train", "index", "eval", "serve"):
+        assert (run / stage / "_stage.json").exists(), stage
+    synth = json.loads((run / "synth" / "_stage.json").read_text())
+    assert synth["accepted"] > 0
+    data = json.loads((run / "data" / "_stage.json").read_text())
+    assert data["rows"]["train_by_source"].get("synthetic", 0) > 0
+    trained = json.loads((run / "train" / "_stage.json").read_text())["embedder"]
+    assert (Path(trained) / "embedder_config.json").exists()
+    assert (run / "index" / "cranfield" / "manifest.json").exists()
+    assert "tiny-llama (trained)" in text and "tiny-llama (untuned)" in text and "BM25" in text
+    answers = json.loads((run / "serve" / "answers.json").read_text())
+    assert answers and answers[0]["hits"]
+    # The key given to the synth client is nowhere in what the run wrote.
+    for f in run.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".yaml", ".md", ".txt", ".log"):
+            assert "sk-pipeline-test-key" not in f.read_text(errors="ignore"), f
+
+    # A rerun skips every finished stage and rewrites the report.
+    again = run_pipeline(cfg)
+    assert again == report
