@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from rayembed.data.formats import BadRows
 from rayembed.data.schema import make_row

@@ -8,8 +8,9 @@ skipped (:class:`~rayembed.data.formats.BadRows`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rayembed.config.data import SourceConfig
 from rayembed.data import formats

@@ -54,9 +54,10 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ for its body. Seeded, so the same corpus gives the same pairs.
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from rayembed.data.schema import make_row
 

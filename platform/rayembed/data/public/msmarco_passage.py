@@ -4,7 +4,14 @@ Offline layout: ``collection.tsv`` (pid, passage), ``queries.train.tsv`` (qid, q
 ``qrels.train.tsv`` (qid, 0, pid, 1). A folder with ``corpus.jsonl`` is read as BEIR instead.
 """
 
-from rayembed.data.registry import PublicDataset, find_file, read_beir_train, read_tsv_rows, register, rows_from_qrels
+from rayembed.data.registry import (
+    PublicDataset,
+    find_file,
+    read_beir_train,
+    read_tsv_rows,
+    register,
+    rows_from_qrels,
+)
 
 
 def read_marco(ds, path, bad, collection, queries, qrels, text_cols, split="train", **kw):
