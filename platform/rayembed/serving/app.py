@@ -517,7 +517,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def resolve_index_dir(cfg, index_dir: str | os.PathLike | None = None) -> Path:
     """The index to serve: the argument, then serve.index_dir, index.output_dir, <run_dir>/index."""
     chosen = index_dir or cfg.serve.index_dir or cfg.index.output_dir or str(Path(cfg.run_dir) / "index")
-    return Path(chosen).expanduser().resolve()
+    path = Path(chosen).expanduser().resolve()
+    return path.parent if path.name == "manifest.json" and path.is_file() else path
 
 
 def read_index_manifest(index_dir: Path) -> dict[str, Any]:

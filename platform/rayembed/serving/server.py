@@ -209,6 +209,8 @@ def swap_index(index_dir: str | os.PathLike, timeout_s: float = 300.0) -> str:
     if _RUN is None:
         raise RuntimeError("No endpoint started by start_server() in this process; start one first.")
     new_dir = Path(index_dir).expanduser().resolve()
+    if new_dir.name == "manifest.json" and new_dir.is_file():
+        new_dir = new_dir.parent
     new = read_index_manifest(new_dir)
     old = read_index_manifest(Path(_RUN["index_dir"]))
     if not same_embedder(old["embedder"], new["embedder"]):
