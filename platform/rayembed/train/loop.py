@@ -181,6 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "first_id": batch["id"][0] if batch.get("id") else None,
             "step_s": dt,
             "data_s": t_data,
+            "time": time.time(),
         }
         state.history.append(record)
         if do_log or do_ckpt:

@@ -1,0 +1,172 @@
+"""Ray Train overhead and engine comparison, on the same model, data and steps.
+
+1. A plain single-process PyTorch loop (same task code, same batches read in-process).
+2. ``rayembed train`` with 1 worker (DDP engine, i.e. no wrapper at world size 1).
+3. 2 workers with DDP, then 2 workers with DeepSpeed ZeRO-3.
+
+Per-step time excludes start-up: it is the wall time between consecutive steps (metric
+reporting included) from step ``--skip`` on. Goal: Ray Train <= 1.2x the plain loop per step.
+
+    python bench/train.py                                  # tiny-llama, 30 steps (~5 min on 2 cores)
+    python bench/train.py --model smollm2-135m --steps 12 --batch 8
+
+Writes bench/out/train.json. Timings on a shared machine are noisy; compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAYEMBED_CACHE", str(REPO / ".cache" / "rayembed"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+def write_pairs(data_dir: Path, out: Path, n_rows: int) -> Path:
+    """Weak pairs from real MS MARCO passages: first sentence -> rest, another passage as negative."""
+    from rayembed.data.schema import make_row, to_table
+    from rayembed.io import atomic_write_parquet
+
+    passages = []
+    with open(data_dir / "msmarco-subset" / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            head, _, rest = json.loads(line)["text"].partition(". ")
+            if len(head.split()) >= 4 and len(rest.split()) >= 8:
+                passages.append((head, rest))
+            if len(passages) > n_rows:
+                break
+    rows = [
+        make_row(instruction="Given the opening sentence of a passage, retrieve its continuation",
+                 query=h, positive=r, negatives=[passages[(i + 7) % len(passages)][1]],
+                 task_type="retrieval", source="msmarco-crops")
+        for i, (h, r) in enumerate(passages[:n_rows])
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_parquet(out / "part-00000.parquet", to_table(rows))
+    return out
+
+
+def overrides(args, tmp: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"run_dir={tmp / name}", f"model.name_or_path={args.model}", f"model.max_length={args.doc_len}",
+        "model.lora.enabled=true", f"train.batch_size={args.batch}", f"train.max_steps={args.steps}",
+        f"train.query_max_length={args.query_len}", f"train.doc_max_length={args.doc_len}",
+        "train.warmup_steps=2", "train.lr=0.0005", f"train.checkpoint_every={args.steps}",
+        f"train.log_every={args.log_every}", "train.temperature=0.05",
+        "compute.num_cpus=4", "compute.object_store_memory_mb=256", *extra,
+    ]
+
+
+def per_step(times: list[float], skip: int) -> float:
+    gaps = [b - a for a, b in zip(times, times[1:])][skip:]
+    return statistics.median(gaps) if gaps else float("nan")
+
+
+def plain_loop(args, data: Path, tmp: Path) -> dict:
+    """The single-process baseline: same task and engine code, batches read in this process."""
+    import torch
+
+    from rayembed.config import load_config
+    from rayembed.data.stream import LocalShard, iter_train_batches
+    from rayembed.train.engine import DDPEngine
+    from rayembed.train.tasks import make_task
+    from rayembed.train.trainer import stream_spec
+
+    cfg = load_config(None, overrides(args, tmp, "plain"))
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    task = make_task(cfg, torch.device("cpu"))
+    engine = DDPEngine(task.model, cfg.train, torch.device("cpu"))
+    spec = stream_spec(cfg, [str(data)])
+    batches = iter_train_batches(LocalShard(spec), spec, rank=0)
+    setup = time.perf_counter() - t0
+    stamps, losses = [], []
+    for _ in range(args.steps):
+        batch = next(batches)
+        out = task.step(engine, batch)
+        engine.step()
+        losses.append(out["loss"])
+        stamps.append(time.perf_counter())
+    return {"setup_s": setup, "total_s": time.perf_counter() - t0, "per_step_s": per_step(stamps, args.skip),
+            "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def ray_run(args, data: Path, tmp: Path, name: str, *extra: str) -> dict:
+    from rayembed.config import load_config
+    from rayembed.train import run_training
+
+    cfg = load_config(None, overrides(args, tmp, name, *extra))
+    t0 = time.perf_counter()
+    model_dir = run_training(cfg, [str(data)], log_level="WARNING")
+    total = time.perf_counter() - t0
+    hist = [json.loads(x) for x in (model_dir.parent / "metrics.jsonl").read_text().splitlines()]
+    return {"total_s": total, "per_step_s": per_step([h["time"] for h in hist], args.skip),
+            "compute_step_s": statistics.median([h["step_s"] for h in hist[args.skip + 1:]] or [float("nan")]),
+            "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=16, help="global batch (examples per step)")
+    p.add_argument("--query-len", type=int, default=32)
+    p.add_argument("--doc-len", type=int, default=128)
+    p.add_argument("--skip", type=int, default=3, help="steps excluded as warm-up")
+    p.add_argument("--log-every", type=int, default=10, help="train.log_every for the Ray runs")
+    p.add_argument("--no-two-workers", action="store_true", help="skip the 2-worker DDP vs ZeRO-3 part")
+    args = p.parse_args()
+
+    import ray
+
+    from rayembed.config import ComputeConfig
+    from rayembed.runtime import init_ray, resolve_data_dir, setup_logging
+
+    setup_logging("WARNING")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    data = write_pairs(resolve_data_dir(), tmp / "data", max(512, args.batch * (args.steps + 2)))
+    results: dict = {"model": args.model, "steps": args.steps, "batch": args.batch,
+                     "query_len": args.query_len, "doc_len": args.doc_len, "cpu_count": os.cpu_count()}
+    print(f"model {args.model}, {args.steps} steps, global batch {args.batch}", flush=True)
+    results["plain"] = plain_loop(args, data, tmp)
+    print(f"plain PyTorch loop   : {results['plain']['per_step_s'] * 1000:8.1f} ms/step "
+          f"(total {results['plain']['total_s']:.1f} s)", flush=True)
+
+    init_ray(ComputeConfig(num_cpus=4, object_store_memory_mb=256, temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"),
+                           log_to_driver=False))
+    results["ray_1w"] = ray_run(args, data, tmp, "ray1", "train.num_workers=1", "train.engine=ddp")
+    ratio = results["ray_1w"]["per_step_s"] / results["plain"]["per_step_s"]
+    results["ray_over_plain_per_step"] = ratio
+    print(f"rayembed train, 1 wk : {results['ray_1w']['per_step_s'] * 1000:8.1f} ms/step "
+          f"(total {results['ray_1w']['total_s']:.1f} s incl. start-up)", flush=True)
+    print(f"ratio Ray/plain per step: {ratio:.2f}x (goal <= 1.2x)", flush=True)
+    if not args.no_two_workers:
+        for name, engine in (("ddp_2w", "ddp"), ("zero3_2w", "deepspeed")):
+            results[name] = ray_run(args, data, tmp, name, "train.num_workers=2", f"train.engine={engine}")
+            print(f"2 workers, {engine:9s}: {results[name]['per_step_s'] * 1000:8.1f} ms/step "
+                  f"(total {results[name]['total_s']:.1f} s)", flush=True)
+        results["zero3_over_ddp_per_step"] = results["zero3_2w"]["per_step_s"] / results["ddp_2w"]["per_step_s"]
+        print(f"ratio ZeRO-3/DDP per step: {results['zero3_over_ddp_per_step']:.2f}x", flush=True)
+    ray.shutdown()
+    out = REPO / "bench" / "out" / "train.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from rayembed.io import atomic_write_json
+
+    atomic_write_json(out, results)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
