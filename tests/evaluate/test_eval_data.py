@@ -71,3 +71,8 @@ def test_eval_config_errors_name_the_key():
         load_config(None, ["eval.top_k=5"])
     cfg = load_config("jobs/configs/local/eval.yaml", [])
     assert [d.name for d in cfg.eval.datasets] == ["msmarco-subset", "cranfield", "stsb"]
+
+
+def test_relative_paths_fall_back_to_the_default_data_dir():
+    data = load_dataset(DatasetSpec(name="cranfield", path="cranfield", max_queries=2))
+    assert len(data.judged_query_ids()) == 2

@@ -123,10 +123,19 @@ def load_dataset(
     data_dir: str | Path | None = None,
     instructions: dict[str, str] | None = None,
 ) -> RetrievalData | STSData:
-    """Read the dataset ``spec`` names; relative paths resolve under ``data_dir``."""
+    """Read the dataset ``spec`` names; relative paths resolve under ``data_dir``.
+
+    Without ``data_dir``, a relative path that does not exist from the working directory
+    resolves under the default data directory ($RAYEMBED_DATA_DIR, then ../shared/data).
+    """
     path = Path(spec.path)
-    if not path.is_absolute() and data_dir is not None:
-        path = Path(data_dir) / path
+    if not path.is_absolute():
+        if data_dir is None and not path.exists():
+            from rayembed.runtime import resolve_data_dir
+
+            data_dir = resolve_data_dir()
+        if data_dir is not None:
+            path = Path(data_dir) / path
     fmt = spec.format if spec.format != "auto" else detect_format(path)
     overrides = dict(instructions or {})
     if spec.instruction:
