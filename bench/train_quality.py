@@ -62,7 +62,7 @@ def main() -> int:
     p.add_argument("--run-dir", default=None)
     args = p.parse_args()
 
-    from rayembed.config import ComputeConfig, load_config
+    from rayembed.config import load_config
     from rayembed.data.mix import build_mix
     from rayembed.runtime import init_ray, setup_logging
     from rayembed.train import run_training

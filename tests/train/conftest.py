@@ -52,12 +52,13 @@ def train_shards(data_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_train_local():
     """A local Ray for Train fits: logical CPUs above the cores so 2 workers + Ray Data fit."""
+    import shutil
+    import tempfile
+
     import ray
 
     from rayembed.config import ComputeConfig
     from rayembed.runtime import init_ray
-    import shutil
-    import tempfile
 
     if ray.is_initialized():
         yield ray

@@ -3,9 +3,6 @@ SimCSE and MNTP run and learn, the MNTP export loads as an embedder, the LR sche
 
 from __future__ import annotations
 
-import copy
-
-import pytest
 import torch
 
 from rayembed.config import load_config

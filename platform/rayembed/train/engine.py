@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -333,7 +332,3 @@ def worker_device(use_gpu: bool) -> torch.device:
         except Exception:  # outside Ray Train
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def total_norm(values: list[float]) -> float:
-    return math.sqrt(sum(v * v for v in values))

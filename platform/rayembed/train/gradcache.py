@@ -21,7 +21,7 @@ non-boundary for all but the last chunk, so DDP reduces once (``no_sync``) and D
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -51,7 +51,7 @@ class TrainState:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainState":
+    def from_json(cls, text: str) -> TrainState:
         return cls(**json.loads(text))
 
 
@@ -261,7 +261,3 @@ def _probe_vectors(task: Any, engine: Any, rank: int) -> list[list[float]] | Non
     finally:
         emb.train(was_training)
     return vecs.tolist()
-
-
-def nan_to_none(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value

@@ -20,8 +20,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rayembed.config import ConfigError, RayembedConfig, save_resolved, to_dict
 
@@ -45,8 +46,6 @@ def check_config(cfg: RayembedConfig) -> None:
     tc = cfg.train
     engine = tc.resolved_engine()
     precision = tc.resolved_precision()
-    if engine == "deepspeed" and tc.deepspeed.zero_stage == 3 and tc.mode == "mntp" and tc.chunk_size:
-        raise ConfigError("train.chunk_size must be 0 for mntp.")
     if precision == "fp16" and not tc.use_gpu:
         raise ConfigError("train.precision=fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16 on CPU.")
     if engine == "deepspeed" and precision == "fp16" and tc.chunk_size:
@@ -61,8 +60,6 @@ def check_config(cfg: RayembedConfig) -> None:
         )
     if tc.fail_at_step and tc.max_failures == 0:
         raise ConfigError("train.fail_at_step needs train.max_failures >= 1 to recover.")
-    if tc.mode == "mntp" and cfg.model.attention != "causal" and False:  # pragma: no cover
-        pass
 
 
 def resolve_train_paths(cfg: RayembedConfig, train_paths: Sequence[str | Path] | None) -> list[str]:
@@ -153,9 +150,9 @@ def run_training(
     log_level: str = "INFO",
 ) -> Path:
     """Train on Ray Train as configured; return the folder of the saved embedder."""
+    from rayembed.io import atomic_write_json
     from rayembed.runtime import init_ray
     from rayembed.train.engine import deepspeed_config
-    from rayembed.io import atomic_write_json
 
     check_config(cfg)
     out = output_dir(cfg)
