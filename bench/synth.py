@@ -17,7 +17,6 @@ Figures go to stdout and to bench/out/synth.json. The machine may be shared: tim
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import sys

@@ -16,9 +16,10 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 WORDS = (
     "river stone market signal lantern orbit harvest canvas ledger meadow circuit vessel "

@@ -107,11 +107,11 @@ def test_killed_run_resumes_to_the_same_rows(ray_local, scripted_llm, api_key, t
             "compute.log_to_driver=false"]
     proc = subprocess.Popen([sys.executable, "-m", "rayembed.cli", "synth", *args], cwd=REPO,
                             env={**os.environ}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "wb"))
     try:
         deadline = time.monotonic() + 150
         while not (out / "_progress" / "generate-part-00002.json").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the run made no progress"
             time.sleep(0.1)
     finally:
