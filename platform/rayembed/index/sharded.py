@@ -59,6 +59,16 @@ class ShardedIndex:
         self._params = (None, None)
         self._pool = ThreadPoolExecutor(max_workers=min(len(shards), os.cpu_count() or 1)) if len(shards) > 1 else None
         self.set_search_params(nprobe=self.spec.nprobe, ef_search=self.spec.ef_search)
+        # IVF shards share one trained coarse quantizer: assign queries to lists once, not per shard.
+        self._ivf = None
+        if len(shards) > 1 and self.spec.index_type in ("ivf_flat", "ivf_pq") and not use_gpu:
+            import faiss
+
+            ivfs = [faiss.extract_index_ivf(sh) for sh in shards]
+            first = ivfs[0].quantizer.reconstruct_n(0, ivfs[0].nlist)  # (nlist, dim)
+            if all(i.nlist == ivfs[0].nlist and np.array_equal(i.quantizer.reconstruct_n(0, i.nlist), first)
+                   for i in ivfs[1:]):
+                self._ivf = ivfs
         # Few queries on big flat shards: faiss uses one thread per query, so search shards in parallel.
         self._scan_heavy = self.spec.index_type == "flat" and self.ntotal / max(len(shards), 1) >= 50_000
 
@@ -168,7 +178,9 @@ class ShardedIndex:
         with self._lock:
             self._apply(nprobe if nprobe is not None else self._default[0],
                         ef_search if ef_search is not None else self._default[1])
-            if self._pool is None or n >= 64 or not self._scan_heavy:
+            if self._ivf is not None:
+                parts = self._search_ivf(q, kk)
+            elif self._pool is None or n >= 64 or not self._scan_heavy:
                 # Large batches: each shard already uses every core (OpenMP over queries).
                 # IVF/HNSW single queries: a shard takes microseconds, less than a thread hop.
                 parts = [s.search(q, kk) for s in self._shards]
@@ -192,6 +204,11 @@ class ShardedIndex:
             scores = np.concatenate([scores, np.full((n, k - kk), -np.inf, np.float32)], axis=1)
             ids = np.concatenate([ids, np.full((n, k - kk), -1, np.int64)], axis=1)
         return scores, ids
+
+    def _search_ivf(self, q: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        nprobe = self._ivf[0].nprobe
+        coarse_d, coarse_i = self._ivf[0].quantizer.search(q, nprobe)  # (n, nprobe) each
+        return [ivf.search_preassigned(q, k, coarse_i, coarse_d) for ivf in self._ivf]
 
     # ------------------------------------------------------------------ documents
 
