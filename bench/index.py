@@ -271,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["machine"]["load_avg_end"] = os.getloadavg()
+    if args.skip and Path(args.out).exists():
+        # A partial run (--skip) updates its own sections and keeps the others.
+        old = json.loads(Path(args.out).read_text())
+        results = {**old, **results, "runs": [*old.get("runs", [old.get("args")]), vars(args)]}
     atomic_write_json(args.out, results)
     print(f"wrote {args.out}")
     return 0

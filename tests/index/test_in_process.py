@@ -32,3 +32,22 @@ def test_index_refuses_another_embedder(tiny_embedder_dir, tmp_path):
     other = Embedder.from_pretrained("tiny-bert")
     with pytest.raises(IndexIntegrityError, match="was built with embedder .* not with the expected"):
         ShardedIndex.open(m, expected_embedder=other)
+
+
+def test_search_command_prints_ranked_hits(tiny_embedder_dir, tmp_path, capsys):
+    import json
+
+    from rayembed.cli import main
+
+    docs = [{"id": f"doc-{i}", "text": f"document number {i}", "title": ""} for i in range(20)]
+    m = build_index_in_process(str(tiny_embedder_dir), docs, tmp_path / "idx", num_shards=2)
+    assert main(["search", "--index", str(m.parent), "--query", "document number 7", "-k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["query"] == "document number 7" and len(out["hits"]) == 3
+    assert out["hits"][0]["doc_id"] == "doc-7" and out["hits"][0]["rank"] == 1
+    assert main(["search", "--index", str(m.parent), "--query", "document number 7", "-k", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "doc-7" in table and "query: document number 7" in table
+    # Another embedder is refused with a clear error (exit 1), not wrong results.
+    assert main(["search", "--index", str(m.parent), "--query", "x", "--embedder", "tiny-bert"]) == 1
+    assert "not the one index" in capsys.readouterr().err
