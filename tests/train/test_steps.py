@@ -146,3 +146,17 @@ def test_lr_schedule_warmup_then_linear_decay():
         0.25, 0.5, 0.75, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125
     ]
     assert lr_factor(0, 0, 10) == 1.0
+
+
+def test_eval_hook_scores_the_model_in_training(data_dir):
+    """train.eval_every's hook: nDCG@10 on a small validation set, from the live model."""
+    from rayembed.train.evaluation import TrainingEvaluator
+
+    cfg = _cfg("train.eval_every=5", "train.eval_dataset=msmarco-subset", "train.eval_max_docs=120",
+               f"data_dir={data_dir}")
+    task = ContrastiveTask(cfg, torch.device("cpu"))
+    engine = DDPEngine(task.model, cfg.train, torch.device("cpu"))
+    scores = TrainingEvaluator(cfg).evaluate(task, engine, rank=0)
+    assert 0.0 <= scores["ndcg@10"] <= 1.0 and "recall@100" in scores
+    assert task.embedder.training, "the hook puts the model back in training mode"
+    assert TrainingEvaluator(cfg).evaluate(task, engine, rank=1) == {}  # DDP: rank 0 only

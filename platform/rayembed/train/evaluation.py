@@ -21,20 +21,20 @@ class TrainingEvaluator:
         self.cfg = cfg
         self.data = None
         try:
-            from rayembed.evaluate import _readers
-            from rayembed.evaluate.datasets import RetrievalData, _subsample
-            from rayembed.evaluate.instructions import instruction_for
+            from rayembed.config.eval import DatasetSpec
+            from rayembed.evaluate.datasets import load_dataset
         except ImportError as e:
             logger.warning("train.eval_every is set but the evaluation package is unavailable (%s); skipping.", e)
             return
-        path = Path(cfg.train.eval_dataset)
-        if not path.is_absolute() and not path.exists():
-            from rayembed.runtime import resolve_data_dir
+        from rayembed.runtime import resolve_data_dir
 
-            path = resolve_data_dir(cfg.data_dir) / path
-        corpus, queries, qrels = _readers.load_beir(path)
-        data = RetrievalData(path.name, corpus, queries, qrels, instruction_for(path.name))
-        self.data = _subsample(data, 0, cfg.train.eval_max_docs)
+        path = Path(cfg.train.eval_dataset)
+        try:
+            data_dir = resolve_data_dir(cfg.data_dir)
+        except FileNotFoundError:
+            data_dir = None
+        spec = DatasetSpec(name=path.name, path=str(path), format="beir", max_docs=cfg.train.eval_max_docs)
+        self.data = load_dataset(spec, data_dir)
 
     def evaluate(self, task: Any, engine: Any, rank: int) -> dict[str, float]:
         """Every rank calls this (ZeRO-3 needs all ranks to gather weights); rank 0 reports."""
