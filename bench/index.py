@@ -95,7 +95,10 @@ def bench_encoding(data_dir: Path, n_docs: int, work: Path) -> dict:
     init_ray(ComputeConfig(num_cpus=4, object_store_memory_mb=256, temp_dir=tmp, log_to_driver=False))
     try:
         name, kw = embedder_args(cfg)
-        ds = ray.data.from_items([{"id": i, "text": r["text"], "title": r.get("title") or ""} for i, r in enumerate(rows)])
+        import pyarrow as pa
+
+        ds = ray.data.from_arrow(pa.table({"id": np.arange(len(rows)), "text": [r["text"] for r in rows],
+                                           "title": [r.get("title") or "" for r in rows]}))
         t = time.perf_counter()
         got_ids, got = [], []
         with _ordered():

@@ -86,25 +86,28 @@ def _probe(name_or_path: str, load_kwargs: dict[str, Any]) -> tuple[dict[str, An
 def embedder_args(cfg: Any) -> tuple[str, dict[str, Any]]:
     """``(name_or_path, from_pretrained kwargs)`` for the embedder that indexes the corpus.
 
-    ``index.embedder`` (or ``model.name_or_path``) naming a saved embedder folder keeps that
-    folder's own pooling/attention settings; otherwise the ``model`` section supplies them.
+    The embedder loads with its own settings (a saved folder's ``embedder_config.json``, or a
+    registered model's defaults), exactly as serving and evaluation load it by name; only
+    ``model`` keys set away from their defaults override them. Passing every default would, for
+    example, force left padding onto an encoder registered with right padding, and change its
+    vectors and identity.
     """
+    from rayembed.config import ModelConfig
+
     m, enc = cfg.model, cfg.index.encode
     name = cfg.index.embedder or m.name_or_path
     device = m.device or ("cuda" if enc.num_gpus_per_actor > 0 else "cpu")
-    common = dict(dtype=m.dtype, device=device, trust_remote_code=m.trust_remote_code, cache=m.cache_dir)
+    kwargs: dict[str, Any] = dict(dtype=m.dtype, device=device, trust_remote_code=m.trust_remote_code,
+                                  cache=m.cache_dir, max_length=enc.max_length)
     if cfg.index.embedder or (Path(name) / "embedder_config.json").is_file():
-        return name, {**common, "max_length": enc.max_length}
-    return name, {
-        **common,
-        "gguf_file": m.gguf_file,
-        "pooling": None if m.pooling == "auto" else m.pooling,
-        "normalize": m.normalize,
-        "max_length": enc.max_length or m.max_length,
-        "query_template": m.query_template,
-        "attention": m.attention,
-        "padding_side": m.padding_side,
-    }
+        return name, kwargs
+    defaults = ModelConfig()
+    kwargs["gguf_file"] = m.gguf_file
+    for key in ("pooling", "normalize", "max_length", "query_template", "attention", "padding_side"):
+        value = getattr(m, key)
+        if value != getattr(defaults, key) and kwargs.get(key) is None:
+            kwargs[key] = None if value == "auto" else value
+    return name, kwargs
 
 
 @contextlib.contextmanager
@@ -135,7 +138,10 @@ def ray_source(path: Path, fmt: str, mapping: ColumnMapping, limit: int | None =
         if fmt == "parquet":
             return ray.data.read_parquet(str(path))
         if fmt == "smart":
-            return ray.data.from_items(read_smart(path))
+            import pyarrow as pa
+
+            # One block; repartition downstream spreads it (from_items makes a block per row).
+            return ray.data.from_arrow(pa.Table.from_pylist(read_smart(path)))
         raise ValueError(f"Unknown corpus format {fmt!r}; use jsonl, parquet, beir or smart.")
 
     def batches() -> Iterator[list[dict[str, Any]]]:
@@ -218,7 +224,9 @@ def build_index(cfg: Any) -> Path:
 
     if build.needs_training():
         ids, texts = build.sample_texts(icfg.include_title)
-        ds = ray.data.from_items([{"id": int(i), "text": t, "title": ""} for i, t in zip(ids, texts)])
+        import pyarrow as pa
+
+        ds = ray.data.from_arrow(pa.table({"id": pa.array(ids, pa.int64()), "text": texts, "title": [""] * len(texts)}))
         got_ids, got = [], []
         with _ordered():
             for b in _encode_dataset(ds, cfg, name, load_kwargs).iter_batches(batch_size=None, batch_format="numpy"):
