@@ -58,19 +58,14 @@ class ShardedIndex:
         self._lock = threading.Lock()
         self._params = (None, None)
         self._pool = ThreadPoolExecutor(max_workers=min(len(shards), os.cpu_count() or 1)) if len(shards) > 1 else None
-        self.set_search_params(nprobe=self.spec.nprobe, ef_search=self.spec.ef_search)
-        # IVF shards share one trained coarse quantizer: assign queries to lists once, not per shard.
-        self._ivf = None
+        # IVF shards share one trained coarse quantizer, so their inverted lists can be stacked
+        # into one read-only view (faiss HStackInvertedLists): one search, exact same results.
+        self._stacked = None
         if len(shards) > 1 and self.spec.index_type in ("ivf_flat", "ivf_pq") and not use_gpu:
-            import faiss
-
-            ivfs = [faiss.extract_index_ivf(sh) for sh in shards]
-            first = ivfs[0].quantizer.reconstruct_n(0, ivfs[0].nlist)  # (nlist, dim)
-            if all(i.nlist == ivfs[0].nlist and np.array_equal(i.quantizer.reconstruct_n(0, i.nlist), first)
-                   for i in ivfs[1:]):
-                self._ivf = ivfs
+            self._stacked = self._stack_ivf(shards)
         # Few queries on big flat shards: faiss uses one thread per query, so search shards in parallel.
         self._scan_heavy = self.spec.index_type == "flat" and self.ntotal / max(len(shards), 1) >= 50_000
+        self.set_search_params(nprobe=self.spec.nprobe, ef_search=self.spec.ef_search)
 
     # ------------------------------------------------------------------ opening
 
@@ -156,7 +151,7 @@ class ShardedIndex:
     def _apply(self, nprobe: int | None, ef_search: int | None) -> None:
         if (nprobe, ef_search) == self._params:
             return
-        for s in self._shards:
+        for s in self._shards + ([self._stacked[-1]] if self._stacked else []):
             set_search_params(s, nprobe=nprobe, ef_search=ef_search)
         self._params = (nprobe, ef_search)
 
@@ -178,8 +173,8 @@ class ShardedIndex:
         with self._lock:
             self._apply(nprobe if nprobe is not None else self._default[0],
                         ef_search if ef_search is not None else self._default[1])
-            if self._ivf is not None:
-                parts = self._search_ivf(q, kk)
+            if self._stacked is not None:
+                parts = [self._stacked[-1].search(q, kk)]
             elif self._pool is None or n >= 64 or not self._scan_heavy:
                 # Large batches: each shard already uses every core (OpenMP over queries).
                 # IVF/HNSW single queries: a shard takes microseconds, less than a thread hop.
@@ -205,10 +200,25 @@ class ShardedIndex:
             ids = np.concatenate([ids, np.full((n, k - kk), -1, np.int64)], axis=1)
         return scores, ids
 
-    def _search_ivf(self, q: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        nprobe = self._ivf[0].nprobe
-        coarse_d, coarse_i = self._ivf[0].quantizer.search(q, nprobe)  # (n, nprobe) each
-        return [ivf.search_preassigned(q, k, coarse_i, coarse_d) for ivf in self._ivf]
+    @staticmethod
+    def _stack_ivf(shards: list[Any]):
+        """One IVF index over every shard's inverted lists, or None when quantizers differ."""
+        import faiss
+
+        ivfs = [faiss.extract_index_ivf(sh) for sh in shards]
+        first = ivfs[0].quantizer.reconstruct_n(0, ivfs[0].nlist)  # (nlist, dim)
+        for ivf in ivfs[1:]:
+            if ivf.nlist != ivfs[0].nlist or not np.array_equal(ivf.quantizer.reconstruct_n(0, ivf.nlist), first):
+                return None
+        lists = faiss.InvertedListsPtrVector()
+        for ivf in ivfs:
+            lists.push_back(ivf.invlists)
+        stacked_lists = faiss.HStackInvertedLists(lists.size(), lists.data())
+        combined = faiss.clone_index(faiss.downcast_index(shards[0]))
+        combined.replace_invlists(stacked_lists, False)
+        combined.ntotal = sum(sh.ntotal for sh in shards)
+        # The view borrows the shards' lists: keep every piece referenced as long as the view.
+        return (lists, stacked_lists, combined)
 
     # ------------------------------------------------------------------ documents
 
