@@ -1,7 +1,7 @@
 """The whole pipeline as one job: `ray job submit -- python jobs/pipeline.py --config ...`.
 
     python jobs/pipeline.py --config jobs/configs/local/demo.yaml          # laptop: starts a local Ray
-    ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/gpu/train.yaml
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python jobs/pipeline.py --config jobs/configs/gpu/train.yaml
 """
 
 import sys

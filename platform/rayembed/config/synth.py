@@ -54,6 +54,11 @@ class LLMServerConfig:
     max_input_tokens: int = option(2048, "Prompts longer than this are refused with HTTP 400 (tokens).")
     dtype: str = option("float32", "Weights dtype on the replica: float32, bfloat16 or float16.")
     torch_threads: int | None = option(None, "torch intra-op threads per replica. Empty: torch's default.")
+    api_key_env: str = option(
+        "RAYEMBED_LLM_API_KEY",
+        "Environment variable holding the key this server requires (Authorization: Bearer). Unset: no key.",
+    )
+    api_key_file: str | None = option(None, "File holding the required key (used when the variable is unset).")
 
     def __post_init__(self) -> None:
         try:

@@ -6,8 +6,9 @@ Implements what the synth client needs from the protocol:
 - ``POST <prefix>/v1/chat/completions`` with ``messages`` (rendered through the model's chat
   template), ``max_tokens``, ``temperature`` (0 means greedy), ``top_p``, ``stop``, ``seed``;
   replies carry ``usage`` and ``finish_reason`` ("length" when max_tokens cut the reply).
-  ``response_format`` is accepted but not enforced (a small model cannot be forced into JSON;
-  the synth validator rejects what does not parse).
+  ``response_format`` ``json_object`` is honoured the cheap way: the reply is started with
+  "{" (prefilled), so a small model opens with the object rather than with prose. Nothing
+  forces the rest into valid JSON; the synth validator rejects what does not parse.
 
 Requests are batched with ``@serve.batch``: concurrent requests with the same sampling
 settings are left-padded into one ``generate`` call, which on CPU costs little more than one.
@@ -29,7 +30,7 @@ import logging
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
@@ -54,8 +55,14 @@ class ChatLLM:
     """One replica: tokenizer + causal LM; batches concurrent requests into one generate call."""
 
     def __init__(self, checkpoint: str, model_name: str, max_new_tokens_cap: int, max_input_tokens: int,
-                 dtype: str, torch_threads: int | None, max_batch_size: int, batch_wait_timeout_s: float):
+                 dtype: str, torch_threads: int | None, max_batch_size: int, batch_wait_timeout_s: float,
+                 api_key_env: str = "", api_key_file: str | None = None):
         import torch
+
+        from rayembed.serving.auth import resolve_api_key
+
+        # Resolved here, in the replica, so the key never travels in the deployment's arguments.
+        self.api_key = resolve_api_key(api_key_env, api_key_file)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rayembed.modeling.backbones import resolve_checkpoint
@@ -86,6 +93,10 @@ class ChatLLM:
     async def __call__(self, request):
         from starlette.responses import JSONResponse
 
+        from rayembed.serving.auth import check_bearer
+
+        if not check_bearer(request.headers.get("authorization"), self.api_key):
+            return _error(401, "Missing or wrong API key: send Authorization: Bearer <key>.", "authentication_error")
         path = request.url.path.rstrip("/")
         if path.endswith("/v1/models") and request.method == "GET":
             return JSONResponse({"object": "list", "data": [
@@ -135,6 +146,9 @@ class ChatLLM:
             [{"role": m["role"], "content": m["content"]} for m in messages],
             add_generation_prompt=True, tokenize=False,
         )
+        fmt = body.get("response_format") or {}
+        prefix = "{" if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema") else ""
+        prompt += prefix
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_input_tokens:
             raise _BadRequest(400, f"The prompt has {len(ids)} tokens; this server accepts at most "
@@ -147,6 +161,7 @@ class ChatLLM:
             "top_p": top_p,
             "stop": [stop] if isinstance(stop, str) else list(stop),
             "seed": body.get("seed"),
+            "prefix": prefix,
         }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -187,7 +202,7 @@ class ChatLLM:
                     finish = "stop"
                     break
                 toks.append(t)
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            text = it.get("prefix", "") + self.tokenizer.decode(toks, skip_special_tokens=True)
             for s in it["stop"]:
                 if s and s in text:
                     text, finish = text.split(s, 1)[0], "stop"
@@ -209,7 +224,7 @@ def build_app(cfg, model_name: str | None = None):
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     ).bind(
         cfg.checkpoint, name, cfg.max_new_tokens_cap, cfg.max_input_tokens, cfg.dtype, cfg.torch_threads,
-        cfg.max_batch_size, cfg.batch_wait_timeout_s,
+        cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.api_key_env, cfg.api_key_file,
     )
 
 
@@ -220,6 +235,7 @@ class LLMServerHandle:
     base_url: str
     app_name: str
     model_name: str
+    api_key: str | None = field(default=None, repr=False)
 
     def stop(self) -> None:
         """Delete the app; shut Serve down too when no other application is left on it."""
@@ -237,7 +253,12 @@ def start_llm_server(cfg, model_name: str | None = None, *, timeout_s: float = 6
     Binds ``cfg.host`` (127.0.0.1 by default). If Serve already runs on this cluster its HTTP
     options are kept and the app is added beside the others under ``cfg.route_prefix``.
     """
+    from rayembed.serving.auth import resolve_api_key, warn_if_exposed
+
     name = model_name or cfg.model_name or cfg.checkpoint
+    key = resolve_api_key(cfg.api_key_env, cfg.api_key_file)
+    warn_if_exposed(cfg.host, key, cfg.api_key_env)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg, name), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     prefix = cfg.route_prefix.rstrip("/")
@@ -247,10 +268,11 @@ def start_llm_server(cfg, model_name: str | None = None, *, timeout_s: float = 6
     last = None
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{base_url}/models", timeout=5) as r:
+            req = urllib.request.Request(f"{base_url}/models", headers=headers)
+            with urllib.request.urlopen(req, timeout=5) as r:
                 if r.status == 200:
                     logger.info("serve-llm: %s answering at %s", name, base_url)
-                    return LLMServerHandle(base_url, cfg.app_name, name)
+                    return LLMServerHandle(base_url, cfg.app_name, name, key)
         except Exception as e:  # noqa: BLE001 - not up yet
             last = e
         time.sleep(1.0)

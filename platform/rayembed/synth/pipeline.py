@@ -513,7 +513,7 @@ def run_synth(cfg) -> dict[str, Any]:
 
             init_ray(cfg.compute)
             server = start_llm_server(sc.llm_server, model_name=sc.model)
-            base_url, key = server.base_url, Secret(None)
+            base_url, key = server.base_url, Secret(server.api_key)
         else:
             base_url, key = resolve_endpoint(sc)
         run = _Run(cfg, out, client_settings(sc, base_url), key)
