@@ -35,12 +35,13 @@ SOURCES = (
 )
 
 
-def evaluate(models: dict, max_length: int, max_docs: int) -> dict[str, float]:
+def evaluate(models: dict, max_length: int, max_docs: int, max_queries: int = 0) -> dict[str, float]:
     from rayembed.config.eval import DatasetSpec
     from rayembed.evaluate.runner import evaluate_models
     from rayembed.runtime import resolve_data_dir
 
-    spec = DatasetSpec(name="msmarco-subset", path="msmarco-subset", format="beir", max_docs=max_docs)
+    spec = DatasetSpec(name="msmarco-subset", path="msmarco-subset", format="beir", max_docs=max_docs,
+                       max_queries=max_queries)
     res = evaluate_models(models, [spec], data_dir=resolve_data_dir(), max_length=max_length, batch_size=32,
                           top_k=100, plot=False)
     return {name: res["metrics"][name]["msmarco-subset"]["ndcg@10"] for name in models}
@@ -57,7 +58,10 @@ def main() -> int:
     p.add_argument("--query-len", type=int, default=48)
     p.add_argument("--doc-len", type=int, default=128)
     p.add_argument("--eval-len", type=int, default=256, help="max tokens per text at evaluation")
-    p.add_argument("--max-docs", type=int, default=0, help="cap the evaluation corpus (0: all 5,000)")
+    p.add_argument("--max-docs", type=int, default=0,
+                   help="cap the evaluation corpus (0: all 5,000). Judged documents are kept first, so pair "
+                        "a cap with --max-queries, or queries lose their relevant documents")
+    p.add_argument("--max-queries", type=int, default=0, help="evaluate the first N judged queries (0: all 43)")
     p.add_argument("--quick", action="store_true", help="skip the baselines (BM25, MiniLM, untuned)")
     p.add_argument("--run-dir", default=None)
     args = p.parse_args()
@@ -90,7 +94,7 @@ def main() -> int:
     before = {}
     if not args.quick:
         before = evaluate({"bm25": "bm25", "all-minilm-l6-v2": "all-minilm-l6-v2", f"{args.model} (untuned)": args.model},
-                          args.eval_len, args.max_docs)
+                          args.eval_len, args.max_docs, args.max_queries)
     init_ray(cfg.compute)
     t_train = time.perf_counter()
     model_dir = run_training(cfg, [str(Path(manifest).parent)])
@@ -98,7 +102,7 @@ def main() -> int:
     import ray
 
     ray.shutdown()
-    after = evaluate({f"{args.model} (trained)": str(model_dir)}, args.eval_len, args.max_docs)
+    after = evaluate({f"{args.model} (trained)": str(model_dir)}, args.eval_len, args.max_docs, args.max_queries)
     results["ndcg@10"] = {**before, **after}
     results["total_s"] = time.perf_counter() - t0
     results["model_dir"] = str(model_dir)
