@@ -84,6 +84,9 @@ def plain_loop(args, data: Path, tmp: Path) -> dict:
     from rayembed.train.trainer import stream_spec
 
     cfg = load_config(None, overrides(args, tmp, "plain"))
+    # Ray gives a worker with a fractional CPU OMP_NUM_THREADS=1; the baseline uses the same
+    # thread count, so the comparison is of the loops, not of thread settings.
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     task = make_task(cfg, torch.device("cpu"))
