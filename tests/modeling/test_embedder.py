@@ -173,3 +173,18 @@ def test_missing_or_bad_model_paths(tmp_path):
         Embedder.from_pretrained(tmp_path / "empty")
     with pytest.raises((FileNotFoundError, OSError), match="Could not load model"):
         Embedder.from_pretrained(str(tmp_path / "does-not-exist"))
+
+
+def test_from_config_keeps_what_a_saved_embedder_says(tmp_path):
+    from rayembed.config import load_config
+
+    Embedder.from_pretrained("tiny-llama", attention="bidirectional", pooling="mean", max_length=48).save_pretrained(
+        tmp_path / "bi"
+    )
+    emb = Embedder.from_config(load_config(overrides=[f"model.name_or_path={tmp_path / 'bi'}"]).model)
+    assert (emb.config.attention, emb.config.pooling, emb.config.max_length) == ("bidirectional", "mean", 48)
+    # An encoder keeps its right padding unless the config asks for another side.
+    bert = Embedder.from_config(load_config(overrides=["model.name_or_path=tiny-bert"]).model)
+    assert bert.config.padding_side == "right"
+    over = Embedder.from_config(load_config(overrides=[f"model.name_or_path={tmp_path / 'bi'}", "model.max_length=32"]).model)
+    assert over.config.max_length == 32

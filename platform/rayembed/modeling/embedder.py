@@ -110,16 +110,27 @@ class Embedder(torch.nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "Embedder":
-        """Build from the ``model`` config section (LoRA added when ``cfg.lora.enabled``)."""
+        """Build from the ``model`` config section (LoRA added when ``cfg.lora.enabled``).
+
+        Only keys changed from their defaults override what the model brings: a saved
+        embedder keeps its own pooling, attention, template and padding, and an encoder keeps
+        its right padding, unless the config asks otherwise.
+        """
+        defaults = ModelConfig()
+
+        def changed(name: str):
+            value = getattr(cfg, name)
+            return None if value == getattr(defaults, name) else value
+
         return cls.from_pretrained(
             cfg.name_or_path,
             gguf_file=cfg.gguf_file,
             pooling=None if cfg.pooling == "auto" else cfg.pooling,
-            normalize=cfg.normalize,
-            max_length=cfg.max_length,
-            query_template=cfg.query_template,
-            attention=cfg.attention,
-            padding_side=cfg.padding_side,
+            normalize=changed("normalize"),
+            max_length=changed("max_length"),
+            query_template=changed("query_template"),
+            attention=changed("attention"),
+            padding_side=changed("padding_side"),
             dtype=cfg.dtype,
             device=cfg.device,
             trust_remote_code=cfg.trust_remote_code,
