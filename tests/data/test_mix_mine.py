@@ -114,3 +114,19 @@ def test_mining_with_a_saved_embedder(tiny_embedder_dir):
     mined = mine_negatives(rows, retriever=str(tiny_embedder_dir), top_k=5, num_negatives=2, seed=1)
     for r in mined:
         assert len(r["negatives"]) == 2 and r["positive"] not in r["negatives"]
+
+
+def test_schema_source_skips_bookkeeping_files(tmp_path):
+    import json
+
+    from rayembed.data.schema import to_table
+    from rayembed.io import atomic_write_parquet
+
+    synth = tmp_path / "synth"
+    row = make_row(instruction="i", query="q one", positive="p one", task_type="sts", source="synth:x")
+    atomic_write_parquet(synth / "part-00000.parquet", to_table([row]))
+    (synth / "_rejects").mkdir()
+    (synth / "_rejects" / "generate-part-00000.jsonl").write_text(json.dumps({"reason": "no_json", "reply": "hi"}) + "\n")
+    src = {"name": "synthetic", "format": "schema", "path": str(synth)}
+    m = read_manifest(build_mix(_cfg(tmp_path, [src], max_bad_fraction=0.0)))
+    assert m["train"]["rows"] + m["val"]["rows"] == 1

@@ -76,7 +76,13 @@ def _raw_rows(src: SourceConfig, data_dir: Path | None, bad: BadRows, seed: int)
         raise FileNotFoundError(f"data.sources[{src.name}]: path '{path}' does not exist; set its path.")
     meta = dict(task_type=src.task_type, source=src.name, language=src.language, symmetric=src.symmetric)
     if src.format == "schema":
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl")) if path.is_dir() else [path]
+        # Bookkeeping beside the shards (a synth run's _rejects/, _brainstorm/, .tmp files) is
+        # not data: skip every path with a part starting with "_" or ".", as pyarrow does.
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.suffix in (".parquet", ".jsonl")
+            and not any(part.startswith(("_", ".")) for part in p.relative_to(path).parts)
+        ) if path.is_dir() else [path]
         for f in files:
             for r in formats.iter_records(f, None, bad):
                 r.setdefault("negatives", [])
