@@ -31,6 +31,15 @@ def test_overrides_are_typed_and_nested():
     assert cfg.seed == 3
 
 
+def test_exponent_floats_without_a_dot(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; a float field takes it as the number users meant.
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  lr: 1e-4\n")
+    assert load_config(p, ["train.weight_decay=1e-2"]).train.lr == 1e-4
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        load_config(overrides=["train.lr=fast"])
+
+
 def test_yaml_then_override(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("model:\n  max_length: 128\n  pooling: mean\n")
