@@ -147,11 +147,15 @@ class Pipeline:
         indexes = self.need("index")["indexes"]
         first = next(iter(indexes.values()))
         cfg = self.stage_cfg()
+        from rayembed.serving.auth import resolve_api_key
+
         base = start_server(cfg, index_dir=first, embedder=self.trained_model(), host="127.0.0.1",
                             port=self.cfg.pipeline.serve_port)
+        key = resolve_api_key(cfg.serve.api_key_env, cfg.serve.api_key_file)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         answers = []
         try:
-            with httpx.Client(base_url=base, timeout=120) as client:
+            with httpx.Client(base_url=base, timeout=120, headers=headers) as client:
                 for q in self.cfg.pipeline.demo_queries:
                     t0 = time.perf_counter()
                     r = client.post("/search", json={"query": q, "k": 3})

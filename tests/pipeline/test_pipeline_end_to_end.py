@@ -29,6 +29,8 @@ def test_quick_pipeline_runs_every_stage(tmp_path, data_dir, ray_local, monkeypa
     from rayembed.pipeline import run_pipeline
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-pipeline-test-key-0123456789")
+    serve_key = "serve-planted-key-0123456789"
+    (tmp_path / "serve.key").write_text(serve_key)
     llm = ScriptedLLM()
     base_url = llm.start()
     repo = Path(__file__).resolve().parents[2]
@@ -53,6 +55,7 @@ def test_quick_pipeline_runs_every_stage(tmp_path, data_dir, ray_local, monkeypa
             "eval.datasets=[{name: cranfield, path: cranfield, format: smart, max_queries: 10, max_docs: 150}]",
             "pipeline.baselines={BM25: bm25}",
             f"pipeline.serve_port={_free_port()}",
+            f"serve.api_key_file={tmp_path / 'serve.key'}",
             "pipeline.demo_queries=[what is lift on a wing]",
         ])
         report = run_pipeline(cfg)
@@ -74,10 +77,17 @@ def test_quick_pipeline_runs_every_stage(tmp_path, data_dir, ray_local, monkeypa
     assert "tiny-llama (trained)" in text and "tiny-llama (untuned)" in text and "BM25" in text
     answers = json.loads((run / "serve" / "answers.json").read_text())
     assert answers and answers[0]["hits"]
-    # The key given to the synth client is nowhere in what the run wrote.
-    for f in run.rglob("*"):
-        if f.is_file() and f.suffix in (".json", ".jsonl", ".yaml", ".md", ".txt", ".log"):
-            assert "sk-pipeline-test-key" not in f.read_text(errors="ignore"), f
+    # Neither the synth client's key nor the endpoint's key is in anything the run wrote,
+    # nor in Ray's logs of this session.
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    for root in (run, logs):
+        for f in root.rglob("*"):
+            if f.is_file() and f.stat().st_size < 50_000_000:
+                data = f.read_bytes()
+                assert b"sk-pipeline-test-key" not in data, f
+                assert serve_key.encode() not in data, f
 
     # A rerun skips every finished stage and rewrites the report.
     again = run_pipeline(cfg)
