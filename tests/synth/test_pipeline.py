@@ -84,7 +84,7 @@ def test_budget_stops_early_and_resume_does_not_repay(ray_local, scripted_llm, a
     assert len(scripted_llm.log) - sent_before <= 16 - done_specs
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)
 def test_killed_run_resumes_to_the_same_rows(ray_local, scripted_llm, api_key, tmp_path):
     from rayembed.synth import run_synth
 
