@@ -100,6 +100,23 @@ BAD = [
 ]
 
 
+def test_second_app_joins_the_running_proxy_port(endpoint):
+    """Serve keeps its first HTTP options: a later app (serve-llm beside the endpoint) must be
+    told the port requests really reach, not the one it asked for."""
+    import socket
+
+    import httpx
+
+    from rayembed.serving.server import start_serve_http
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        other_port = sock.getsockname()[1]
+    base = start_serve_http("127.0.0.1", other_port)
+    assert endpoint["url"].startswith(base) and not base.endswith(f":{other_port}")
+    assert httpx.get(base + "/-/healthz", timeout=30).status_code == 200
+
+
 @pytest.mark.parametrize("name, path, body, status, param", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_4xx_naming_the_field(http, endpoint, name, path, body, status, param):
     if isinstance(body, dict) and body.get("model") == "@model":

@@ -169,17 +169,7 @@ def start_server(
     started_ray = not ray.is_initialized()
     if started_ray:
         init_ray(cfg.compute)
-    serve.start(http_options={"host": s.host, "port": s.port})
-    from ray.serve.context import _get_global_client
-
-    http = _get_global_client().http_config
-    if (http.host, http.port) != (s.host, s.port):
-        logger.warning(
-            "Serve is already running in this Ray on %s:%s; serving there instead of %s:%s.",
-            http.host, http.port, s.host, s.port,
-        )
-    url_host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
-    base_url = f"http://{url_host}:{http.port}{s.route_prefix.rstrip('/')}"
+    base_url = start_serve_http(s.host, s.port) + s.route_prefix.rstrip("/")
     schema = deploy_schema(cfg, idx_dir, emb)
     t0 = time.perf_counter()
     _apply(schema)
@@ -195,6 +185,26 @@ def start_server(
         base_url, time.perf_counter() - t0, idx_dir, emb, "required" if key else "off",
     )
     return base_url
+
+
+def start_serve_http(host: str, port: int) -> str:
+    """Start Serve's HTTP proxy on host:port, or join the one already running in this Ray.
+
+    Returns the ``http://host:port`` where requests actually reach Serve: Serve keeps the HTTP
+    options it was first started with, so an app added later lives on that port, not ``port``.
+    """
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    serve.start(http_options={"host": host, "port": port})
+    http = _get_global_client().http_config
+    if (http.host, http.port) != (host, port):
+        logger.warning(
+            "Serve is already running in this Ray on %s:%s; serving there instead of %s:%s.",
+            http.host, http.port, host, port,
+        )
+    url_host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+    return f"http://{url_host}:{http.port}"
 
 
 def swap_index(index_dir: str | os.PathLike, timeout_s: float = 300.0) -> str:

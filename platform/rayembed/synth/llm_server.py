@@ -251,19 +251,18 @@ def start_llm_server(cfg, model_name: str | None = None, *, timeout_s: float = 6
     """Deploy serve-llm on the current Ray (call ``init_ray`` first); return when it answers.
 
     Binds ``cfg.host`` (127.0.0.1 by default). If Serve already runs on this cluster its HTTP
-    options are kept and the app is added beside the others under ``cfg.route_prefix``.
+    options are kept (the handle's ``base_url`` names the port actually used) and the app is
+    added beside the others under ``cfg.route_prefix``.
     """
     from rayembed.serving.auth import resolve_api_key, warn_if_exposed
+    from rayembed.serving.server import start_serve_http
 
     name = model_name or cfg.model_name or cfg.checkpoint
     key = resolve_api_key(cfg.api_key_env, cfg.api_key_file)
     warn_if_exposed(cfg.host, key, cfg.api_key_env)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    base_url = start_serve_http(cfg.host, cfg.port) + cfg.route_prefix.rstrip("/") + "/v1"
     serve.run(build_app(cfg, name), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
-    prefix = cfg.route_prefix.rstrip("/")
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    base_url = f"http://{host}:{cfg.port}{prefix}/v1"
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
