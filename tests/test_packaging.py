@@ -8,9 +8,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stdlib_platform_not_shadowed():
-    import rayembed  # noqa: F401
-
     import platform
+
+    import rayembed  # noqa: F401
 
     assert platform.system()  # would fail if platform/ were a package
     assert not (REPO / "platform" / "__init__.py").exists()

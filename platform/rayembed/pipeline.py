@@ -18,8 +18,9 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rayembed.config import RayembedConfig, save_resolved
 from rayembed.config.data import SourceConfig

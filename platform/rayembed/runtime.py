@@ -76,7 +76,7 @@ def prefer_loopback() -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def init_ray(compute: "ComputeConfig | None" = None, **overrides):
+def init_ray(compute: ComputeConfig | None = None, **overrides):
     """Attach to a Ray cluster, or start a local one when there is none to attach to.
 
     Under ``ray job submit`` RAY_ADDRESS is set and this is a plain ``ray.init()``: passing

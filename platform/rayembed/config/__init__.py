@@ -26,7 +26,6 @@ from typing import Any
 
 import yaml
 
-
 from rayembed.config.base import ConfigError, option
 from rayembed.config.compute import ComputeConfig
 from rayembed.config.data import DataConfig

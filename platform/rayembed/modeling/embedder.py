@@ -27,9 +27,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class EmbedderConfig:
     format_version: int = FORMAT_VERSION
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EmbedderConfig":
+    def from_dict(cls, d: dict[str, Any]) -> EmbedderConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -109,7 +110,7 @@ class Embedder(torch.nn.Module):
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "Embedder":
+    def from_config(cls, cfg: ModelConfig) -> Embedder:
         """Build from the ``model`` config section (LoRA added when ``cfg.lora.enabled``).
 
         Only keys changed from their defaults override what the model brings: a saved
@@ -155,7 +156,7 @@ class Embedder(torch.nn.Module):
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
         cache: str | None = None,
-    ) -> "Embedder":
+    ) -> Embedder:
         """Load a saved embedder folder, a HF folder or hub id, a GGUF file, or a registered name.
 
         Keyword arguments override what a saved ``embedder_config.json`` says (use with care:
@@ -200,7 +201,7 @@ class Embedder(torch.nn.Module):
 
     # ------------------------------------------------------------------ LoRA
 
-    def add_lora(self, lora: LoRAConfig) -> "Embedder":
+    def add_lora(self, lora: LoRAConfig) -> Embedder:
         """Wrap the backbone in a peft LoRA adapter; only adapter weights stay trainable."""
         from peft import LoraConfig, get_peft_model
 
@@ -218,7 +219,7 @@ class Embedder(torch.nn.Module):
     def is_peft(self) -> bool:
         return hasattr(self.model, "peft_config")
 
-    def merge_lora(self) -> "Embedder":
+    def merge_lora(self) -> Embedder:
         """Fold the adapter into the base weights (the result saves as full weights)."""
         if self.is_peft:
             self.model = self.model.merge_and_unload()
@@ -237,7 +238,7 @@ class Embedder(torch.nn.Module):
 
     def _hidden_size(self) -> int:
         cfg = self._base_config()
-        return getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model")
+        return getattr(cfg, "hidden_size", None) or cfg.d_model
 
     def _base_config(self):
         model = self.model

@@ -147,7 +147,6 @@ def start_server(
     """
     global _RUN
     import ray
-    from ray import serve
 
     from rayembed.config import RayembedConfig
     from rayembed.runtime import init_ray
