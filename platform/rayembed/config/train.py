@@ -45,11 +45,12 @@ class TrainConfig:
     """Contrastive (E5), SimCSE or MNTP training of an embedder on Ray Train workers."""
 
     output_dir: str | None = option(None, "Where this stage writes. Empty: <run_dir>/train.")
-    mode: Literal["contrastive", "simcse", "mntp"] = option(
+    mode: Literal["contrastive", "simcse", "mntp", "rerank"] = option(
         "contrastive",
         "contrastive: supervised InfoNCE with instructions and hard negatives (E5). simcse: "
         "unsupervised, two dropout views of one text are positives (LLM2Vec step 3). mntp: masked "
-        "next-token prediction with bidirectional attention (LLM2Vec step 2).",
+        "next-token prediction with bidirectional attention (LLM2Vec step 2). rerank: a causal LM "
+        "learns to score the positive above its hard negatives (RankLLaMA); exports an LLM reranker.",
     )
     engine: Literal["auto", "deepspeed", "ddp"] = option(
         "auto", "Distributed engine. auto: deepspeed (ZeRO) when use_gpu, ddp otherwise."

@@ -320,4 +320,8 @@ def make_task(cfg: Any, device: torch.device):
         return MNTPTask(cfg, device)
     if mode == "simcse":
         return SimCSETask(cfg, device)
+    if mode == "rerank":
+        from rayembed.train.rerank_task import RerankTask
+
+        return RerankTask(cfg, device)
     return ContrastiveTask(cfg, device)

@@ -90,7 +90,7 @@ def stream_spec(cfg: RayembedConfig, paths: list[str]):
         tokenizer_dir=str(cfg.model.name_or_path),
         query_max_length=tc.query_max_length,
         doc_max_length=tc.doc_max_length,
-        num_negatives=negatives if tc.mode == "contrastive" else 0,
+        num_negatives=negatives if tc.mode in ("contrastive", "rerank") else 0,
         seed=cfg.seed,
         batch_size=tc.batch_size // tc.num_workers,
         **extra,
