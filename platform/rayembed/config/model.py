@@ -1,4 +1,4 @@
-"""The ``model`` section: which backbone, how it pools, and its LoRA adapter."""
+"""The ``model`` section: which backbone, how it pools, its LoRA adapter and extra heads."""
 
 from __future__ import annotations
 
@@ -30,6 +30,34 @@ class LoRAConfig:
             raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}.")
         if not self.target_modules:
             raise ConfigError("model.lora.target_modules is empty; use ['all-linear'] or name modules.")
+
+
+@dataclass
+class HeadsConfig:
+    """BGE-M3-style outputs beside the dense vector, trained jointly (train.heads_loss_weights)."""
+
+    sparse: bool = option(
+        False, "Add a sparse lexical head: relu(Linear(hidden -> 1)) per token, max per token id."
+    )
+    multivector: bool = option(
+        False, "Add a multi-vector (ColBERT) head: one L2-normalised vector per token, scored by MaxSim."
+    )
+    multivector_dim: int | None = option(
+        None, "Size of each multi-vector token vector. Empty: the backbone's hidden size."
+    )
+
+    def __post_init__(self) -> None:
+        if self.multivector_dim is not None:
+            if self.multivector_dim <= 0:
+                raise ConfigError(
+                    f"model.heads.multivector_dim must be a positive size, got {self.multivector_dim}; "
+                    "leave it empty for the hidden size."
+                )
+            if not self.multivector:
+                raise ConfigError(
+                    "model.heads.multivector_dim is set but model.heads.multivector is false; "
+                    "set model.heads.multivector=true or leave multivector_dim empty."
+                )
 
 
 @dataclass
@@ -65,6 +93,10 @@ class ModelConfig:
         None, "Where converted checkpoints (GGUF) are cached. Empty: $RAYEMBED_CACHE or ~/.cache/rayembed."
     )
     lora: LoRAConfig = option(help="LoRA adapter settings.", factory=LoRAConfig)
+    heads: HeadsConfig = option(
+        help="Extra BGE-M3-style heads (sparse, multi-vector). A saved embedder keeps the heads it has.",
+        factory=HeadsConfig,
+    )
 
     def __post_init__(self) -> None:
         if self.max_length < 8:

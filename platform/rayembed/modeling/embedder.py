@@ -6,6 +6,8 @@ A saved embedder is a folder::
                               mode, padding side, EOS handling, base model identity
     model.safetensors + config.json          (weights: full)
     adapter_model.safetensors + adapter_config.json   (weights: lora; base_model names the base)
+    heads.safetensors         optional BGE-M3-style heads (embedder_config.json: sparse,
+                              multivector, multivector_dim), saved in both weight modes
     tokenizer files
 
 Training, indexing, serving and evaluation all load it with :meth:`Embedder.from_pretrained`,
@@ -17,6 +19,10 @@ Example::
     q = emb.encode(["how do planes fly"], instruction="Given a question, retrieve answers")
     d = emb.encode(["Lift comes from the wings."])
     score = q @ d.T                                        # cosine similarity
+
+With heads (``sparse=True``, ``multivector=True``), :meth:`Embedder.encode_sparse` and
+:meth:`Embedder.encode_multivector` give lexical weights and token vectors, scored by
+:func:`rayembed.modeling.heads.sparse_scores` and :func:`rayembed.modeling.heads.maxsim`.
 """
 
 from __future__ import annotations
@@ -38,12 +44,15 @@ import torch
 from rayembed.config.model import DEFAULT_QUERY_TEMPLATE, LoRAConfig, ModelConfig
 from rayembed.modeling import backbones
 from rayembed.modeling.bidirectional import check_supported, enable_bidirectional
+from rayembed.modeling.heads import HEADS_FILE, MultiVectorHead, SparseHead, special_token_mask
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "embedder_config.json"
 FORMAT_VERSION = 1
-WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+WEIGHT_FILES = (
+    "model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin", HEADS_FILE,
+)
 
 
 @dataclass
@@ -62,6 +71,9 @@ class EmbedderConfig:
     append_eos: bool = True
     weights: str = "full"  # full | lora
     dim: int | None = None
+    sparse: bool = False  # sparse lexical head (heads.safetensors)
+    multivector: bool = False  # multi-vector (ColBERT) head (heads.safetensors)
+    multivector_dim: int | None = None  # None: hidden size
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -106,6 +118,9 @@ class Embedder(torch.nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         if config.dim is None:
             config.dim = int(self._hidden_size())
+        self.sparse_head: SparseHead | None = None
+        self.multivector_head: MultiVectorHead | None = None
+        self._build_heads()
 
     # ------------------------------------------------------------------ loading
 
@@ -137,6 +152,9 @@ class Embedder(torch.nn.Module):
             trust_remote_code=cfg.trust_remote_code,
             lora=cfg.lora if cfg.lora.enabled else None,
             cache=cfg.cache_dir,
+            sparse=cfg.heads.sparse or None,
+            multivector=cfg.heads.multivector or None,
+            multivector_dim=cfg.heads.multivector_dim,
         )
 
     @classmethod
@@ -156,12 +174,19 @@ class Embedder(torch.nn.Module):
         trust_remote_code: bool = False,
         lora: LoRAConfig | None = None,
         cache: str | None = None,
+        sparse: bool | None = None,
+        multivector: bool | None = None,
+        multivector_dim: int | None = None,
     ) -> Embedder:
         """Load a saved embedder folder, a HF folder or hub id, a GGUF file, or a registered name.
 
         Keyword arguments override what a saved ``embedder_config.json`` says (use with care:
         an index built with one max length and queried with another still works, but pooling
         or attention changes make vectors incomparable).
+
+        ``sparse`` / ``multivector``: None keeps the heads the model has (a saved folder's
+        ``heads.safetensors``); True adds a freshly initialised head where there is none;
+        False drops it. ``multivector_dim`` sizes a new multi-vector head (None: hidden size).
         """
         name = str(name_or_path)
         dev = _pick_device(device)
@@ -194,10 +219,234 @@ class Embedder(torch.nn.Module):
         tok.padding_side = ecfg.padding_side
         model.to(dev)
         model.eval()
+        saved_heads = (ecfg.sparse, ecfg.multivector)
         emb = cls(model, tok, ecfg, source=source)
+        if saved.exists() and any(saved_heads):
+            emb._load_heads(path)
+        emb.set_heads(sparse=sparse, multivector=multivector, multivector_dim=multivector_dim)
         if lora is not None:
             emb.add_lora(lora)
         return emb
+
+    # ------------------------------------------------------------------ heads
+
+    def _build_heads(self) -> None:
+        """Create the heads ``self.config`` asks for (fresh, seeded) and drop the others."""
+        cfg = self.config
+        hidden = int(self._hidden_size())
+        if cfg.multivector_dim is not None and int(cfg.multivector_dim) <= 0:
+            raise ValueError(f"multivector_dim must be positive, got {cfg.multivector_dim}.")
+        device = next(self.model.parameters()).device
+        if cfg.sparse and self.sparse_head is None:
+            self.sparse_head = SparseHead(hidden).to(device)
+        elif not cfg.sparse:
+            self.sparse_head = None
+        dim = int(cfg.multivector_dim or hidden)
+        if cfg.multivector and self.multivector_head is None:
+            self.multivector_head = MultiVectorHead(hidden, dim).to(device)
+        elif not cfg.multivector:
+            self.multivector_head = None
+
+    def set_heads(
+        self, *, sparse: bool | None = None, multivector: bool | None = None, multivector_dim: int | None = None
+    ) -> Embedder:
+        """Add (True) or drop (False) heads; None leaves a head as it is. New heads are untrained."""
+        cfg = self.config
+        if multivector_dim is not None:
+            current = cfg.multivector_dim or int(self._hidden_size())
+            if self.multivector_head is not None and multivector is not False and int(multivector_dim) != current:
+                raise ValueError(
+                    f"This embedder's multi-vector head has dim {current}, but multivector_dim={multivector_dim} "
+                    "was asked for. Leave model.heads.multivector_dim empty to keep the trained head, or start "
+                    "from a model without one."
+                )
+            if self.multivector_head is None and multivector:
+                cfg.multivector_dim = int(multivector_dim)
+        if sparse is not None:
+            cfg.sparse = bool(sparse)
+        if multivector is not None:
+            cfg.multivector = bool(multivector)
+            if not multivector:
+                cfg.multivector_dim = None
+        self._build_heads()
+        return self
+
+    @property
+    def has_sparse(self) -> bool:
+        return self.sparse_head is not None
+
+    @property
+    def has_multivector(self) -> bool:
+        return self.multivector_head is not None
+
+    @property
+    def has_heads(self) -> bool:
+        return self.has_sparse or self.has_multivector
+
+    @property
+    def multivector_dim(self) -> int | None:
+        if self.multivector_head is None:
+            return None
+        return int(self.multivector_head.linear.out_features)
+
+    @property
+    def vocab_size(self) -> int:
+        """Columns of :meth:`encode_sparse` output: the tokenizer's ids, added tokens included."""
+        return len(self.tokenizer)
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        """Ids that never get a sparse weight or a token vector (pad, bos, eos, cls, sep, ...)."""
+        tok = self.tokenizer
+        ids = set(getattr(tok, "all_special_ids", []) or [])
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id", "cls_token_id", "sep_token_id"):
+            value = getattr(tok, name, None)
+            if value is not None:
+                ids.add(int(value))
+        return ids
+
+    def _heads_state(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for prefix, head in (("sparse_head", self.sparse_head), ("multivector_head", self.multivector_head)):
+            if head is not None:
+                for key, value in head.state_dict().items():
+                    state[f"{prefix}.{key}"] = value.detach().float().cpu().contiguous()
+        return state
+
+    def _load_heads(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        file = folder / HEADS_FILE
+        if not file.exists():
+            raise FileNotFoundError(
+                f"'{folder}' says it has heads (sparse={self.config.sparse}, multivector={self.config.multivector}) "
+                f"in {CONFIG_NAME}, but {HEADS_FILE} is missing. Re-export the model, or set sparse/multivector "
+                f"to false in {CONFIG_NAME} to use its dense output only."
+            )
+        state = load_file(str(file))
+        for prefix, head in (("sparse_head", self.sparse_head), ("multivector_head", self.multivector_head)):
+            if head is None:
+                continue
+            part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            dtype = head.linear.weight.dtype
+            try:
+                head.load_state_dict({k: v.to(dtype) for k, v in part.items()}, strict=True)
+            except RuntimeError as e:
+                raise ValueError(f"{file} does not match the {prefix} in {CONFIG_NAME}: {e}") from e
+
+    def _require_head(self, kind: str) -> None:
+        present = self.has_sparse if kind == "sparse" else self.has_multivector
+        if not present:
+            raise ValueError(
+                f"This embedder ({self.config.base_model}) has no {kind} head. Train one with "
+                f"model.heads.{kind}=true first, and load the embedder that training saved."
+            )
+
+    def token_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the tokens the heads speak for (real and not special)."""
+        return special_token_mask(input_ids, attention_mask, self.special_token_ids)
+
+    def forward_all(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output from one backbone pass, differentiable, float32.
+
+        Returns ``dense`` (B, D) exactly as :meth:`forward`, ``mask`` (B, L) bool of the tokens
+        the heads speak for, and per present head ``sparse`` (B, L) token weights (0 outside the
+        mask) and ``multivector`` (B, L, Dm) unit token vectors (0 outside the mask).
+        """
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, L, H)
+        pooled = self.pool(hidden, attention_mask).float()  # (B, H)
+        if self.config.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+        mask = self.token_mask(input_ids, attention_mask)  # (B, L)
+        out: dict[str, torch.Tensor] = {"dense": pooled, "mask": mask}
+        if self.sparse_head is not None:
+            out["sparse"] = self.sparse_head(hidden) * mask.float()  # (B, L)
+        if self.multivector_head is not None:
+            out["multivector"] = self.multivector_head(hidden) * mask.unsqueeze(-1).float()  # (B, L, Dm)
+        return out
+
+    def _token_batches(self, texts: str | Sequence[str], instruction: str | None, batch_size: int,
+                       max_length: int | None):
+        """Yield (input positions, input_ids, mask, hidden) per length-sorted batch, no grad."""
+        texts = self._check_texts(texts)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if instruction is not None:
+            texts = [self.format_query(t, instruction) for t in texts]
+        if not texts:
+            return
+        ids = self.tokenize_ids(texts, max_length)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        was_training = self.training
+        self.eval()
+        device = self.device
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(texts), batch_size):
+                    idx = order[start : start + batch_size]
+                    batch = self.pad([ids[i] for i in idx])
+                    input_ids = batch["input_ids"].to(device)
+                    attention = batch["attention_mask"].to(device)
+                    hidden = self.hidden_states(input_ids, attention)  # (b, L, H)
+                    yield idx, input_ids, self.token_mask(input_ids, attention), hidden
+        finally:
+            self.train(was_training)
+
+    def encode_sparse(
+        self,
+        texts: str | Sequence[str],
+        *,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+    ):
+        """Lexical weights: a scipy ``csr_matrix`` (n, vocab_size) float32, rows in input order.
+
+        Row i holds, per token id of text i, the max sparse-head weight over its positions;
+        special and padding tokens, and zero weights, are left out. With ``instruction`` texts
+        are formatted as queries, as :meth:`encode` does.
+        """
+        import scipy.sparse as sp
+
+        self._require_head("sparse")
+        n = len(self._check_texts(texts))
+        rows: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * n
+        for idx, input_ids, keep, hidden in self._token_batches(texts, instruction, batch_size, max_length):
+            weights = self.sparse_head(hidden).cpu().numpy()  # (b, L)
+            ids_np, keep_np = input_ids.cpu().numpy(), keep.cpu().numpy()
+            for r, i in enumerate(idx):
+                tok, w = ids_np[r][keep_np[r]], weights[r][keep_np[r]]
+                uniq, inv = np.unique(tok, return_inverse=True)
+                best = np.zeros(len(uniq), dtype=np.float32)
+                np.maximum.at(best, inv, w.astype(np.float32))
+                nz = best > 0
+                rows[i] = (uniq[nz].astype(np.int64), best[nz])
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum([len(r[0]) for r in rows])
+        indices = np.concatenate([r[0] for r in rows]) if n else np.zeros(0, np.int64)
+        data = np.concatenate([r[1] for r in rows]) if n else np.zeros(0, np.float32)
+        return sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(n, self.vocab_size), dtype=np.float32)
+
+    def encode_multivector(
+        self,
+        texts: str | Sequence[str],
+        *,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+    ) -> list[np.ndarray]:
+        """Token vectors: item i is (n_tokens_i, multivector_dim) float32, rows L2-normalised,
+        one per real non-special token of text i, in token order."""
+        self._require_head("multivector")
+        n = len(self._check_texts(texts))
+        dim = int(self.multivector_dim or 0)
+        out: list[np.ndarray] = [np.zeros((0, dim), dtype=np.float32) for _ in range(n)]
+        for idx, _, keep, hidden in self._token_batches(texts, instruction, batch_size, max_length):
+            vecs = self.multivector_head(hidden).cpu().numpy()  # (b, L, Dm)
+            keep_np = keep.cpu().numpy()
+            for r, i in enumerate(idx):
+                out[i] = np.ascontiguousarray(vecs[r][keep_np[r]], dtype=np.float32)
+        return out
 
     # ------------------------------------------------------------------ LoRA
 
@@ -425,6 +674,10 @@ class Embedder(torch.nn.Module):
             cfg.weights = "full"
             cfg.base_model = self.config.base_model
         self.tokenizer.save_pretrained(tmp)
+        if self.has_heads:
+            from safetensors.torch import save_file
+
+            save_file(self._heads_state(), str(tmp / HEADS_FILE))
         atomic_write_json(tmp / CONFIG_NAME, dataclasses.asdict(cfg))
         if target.exists():
             shutil.rmtree(target)
@@ -452,6 +705,9 @@ class Embedder(torch.nn.Module):
             for name, tensor in sorted(self.model.state_dict().items()):
                 h.update(name.encode())
                 h.update(tensor.detach().float().cpu().numpy().tobytes())
+            for name, tensor in sorted(self._heads_state().items()):  # empty without heads
+                h.update(name.encode())
+                h.update(tensor.numpy().tobytes())
             ident["weights_sha256"] = h.hexdigest()
         return ident
 
