@@ -9,7 +9,13 @@
 3. **Shards**: encode the documents of every shard whose verified file is missing, add them
    under their global ids to a copy of the trained index, write the shard and then its sidecar.
    A killed build loses at most the shards in flight.
-4. **Manifest**: written last, so its presence means the build is complete.
+4. **Parts** (optional, ``parts=``): the ``bm25``, ``sparse`` and ``multivector`` parts beside
+   the shards (:mod:`rayembed.index.lexical`), each file recorded with its sha256; resumed per
+   part (BM25) or per shard (sparse, multivector) like the shards.
+5. **Manifest**: written last, so its presence means the build is complete.
+
+A BM25-only index (``parts=("bm25",)``) skips steps 2 and 3 and needs no model:
+:func:`build_lexical_index`.
 
 Only *how documents are encoded* differs between the paths: :func:`build_index_in_process`
 encodes in this process, :func:`rayembed.index.ray_build.build_index` on a Ray Data actor pool.
@@ -41,9 +47,21 @@ from rayembed.index.corpus import (
     resolve_corpus,
 )
 from rayembed.index.faiss_util import METRIC, IndexSpec, new_index, train_index
+from rayembed.index.lexical import (
+    BM25Params,
+    MultivectorEncodeFn,
+    SparseEncodeFn,
+    build_parts,
+    check_parts,
+    clear_parts,
+    complete_parts,
+    part_done,
+)
 from rayembed.index.manifest import (
     FORMAT,
     FORMAT_VERSION,
+    KIND_DENSE,
+    KIND_LEXICAL,
     MANIFEST,
     PLAN,
     TRAINED,
@@ -187,8 +205,9 @@ class IndexBuild:
     def __init__(self, out_dir: str | os.PathLike, *, spec: IndexSpec, identity: dict[str, Any], dim: int,
                  shard_size: int = 100_000, num_shards: int = 0, config: dict[str, Any] | None = None,
                  extra_key: dict[str, Any] | None = None, overwrite: bool = False, use_gpu: str = "auto",
-                 seed: int = 0, on_shard: Callable[[dict[str, Any]], None] | None = None):
+                 seed: int = 0, on_shard: Callable[[dict[str, Any]], None] | None = None, dense: bool = True):
         self.root = Path(out_dir).resolve()
+        self.dense = dense
         self.spec = spec
         self.identity = identity
         self.dim = int(dim)
@@ -206,6 +225,9 @@ class IndexBuild:
     # ---- step 1: plan
 
     def _key(self, source: DocSource) -> dict[str, Any]:
+        if not self.dense:
+            return {"kind": KIND_LEXICAL, "corpus": source.fingerprint, "limit": source.limit,
+                    "shard_size": self.shard_size, "num_shards": self.num_shards, **self.extra_key}
         ident = {k: v for k, v in self.identity.items() if k != "path"}
         return {
             "corpus": source.fingerprint,
@@ -224,6 +246,7 @@ class IndexBuild:
             (self.root / name).unlink(missing_ok=True)
         for sub in (DOCS_DIR, SHARDS_DIR):
             shutil.rmtree(self.root / sub, ignore_errors=True)
+        clear_parts(self.root)
 
     def prepare(self, source: DocSource) -> dict[str, Any]:
         """Reuse a matching plan whose id-map parts verify, or write a new one."""
@@ -244,7 +267,8 @@ class IndexBuild:
             elif all(is_valid(self.root, s["docs"]) for s in old["shards"]):
                 logger.info("Resuming the build in %s (%d shards planned)", self.root, len(old["shards"]))
                 self.plan = old
-                self.spec = IndexSpec(**old["spec_resolved"])
+                if old.get("spec_resolved"):
+                    self.spec = IndexSpec(**old["spec_resolved"])
                 return old
             else:
                 logger.warning("Id-map parts in %s are damaged or missing; re-planning", self.root)
@@ -294,10 +318,10 @@ class IndexBuild:
         stats = dict(source.stats)
         if stats.get("empty"):
             logger.warning("Skipped %d empty documents of %d read", stats["empty"], stats["read"])
-        spec = self.spec.resolve(next_id, self.dim)
-        self.spec = spec
+        if self.dense:
+            self.spec = self.spec.resolve(next_id, self.dim)
         plan = {"key": key, "ntotal": next_id, "shards": shards, "stats": stats,
-                "spec_resolved": spec.to_dict(), "trained": None}
+                "spec_resolved": self.spec.to_dict() if self.dense else None, "trained": None, "parts": {}}
         atomic_write_json(self.root / PLAN, plan)
         logger.info("Planned %d shards for %d documents in %s", len(shards), next_id, self.root)
         return plan
@@ -324,7 +348,7 @@ class IndexBuild:
         return ids, texts
 
     def needs_training(self) -> bool:
-        return self.spec.trained and not is_valid(self.root, self.plan.get("trained"))
+        return self.dense and self.spec.trained and not is_valid(self.root, self.plan.get("trained"))
 
     def train(self, vectors: np.ndarray) -> None:
         """Train the empty index on ``vectors`` (n, dim) and save it as ``trained.index``."""
@@ -363,7 +387,22 @@ class IndexBuild:
         return same and rec.get("docs", {}).get("sha256") == shard["docs"]["sha256"] and is_valid(self.root, rec)
 
     def missing_shards(self) -> list[dict[str, Any]]:
+        if not self.dense:
+            return []
         return [s for s in self.plan["shards"] if not self.shard_done(s)]
+
+    def is_complete(self, parts: Sequence[str] = ("dense",)) -> bool:
+        """The manifest exists, every shard is done and every requested extra part is complete."""
+        if not (self.root / MANIFEST).exists() or self.missing_shards():
+            return False
+        extra = [p for p in parts if p != "dense"]
+        if not extra:
+            return True
+        try:
+            listed = read_json(self.root / MANIFEST, what="index manifest").get("parts") or {}
+        except IndexIntegrityError:
+            return False
+        return all(p in listed and part_done(self.root, self.plan, p) for p in extra)
 
     def _check_vectors(self, vectors: np.ndarray) -> None:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -407,11 +446,15 @@ class IndexBuild:
                 f"{len(missing)} shards of {self.root} are still missing or invalid (first: {missing[0]['file']}); "
                 "rerun the build to finish them."
             )
+        parts = complete_parts(self.root, self.plan)
+        if not self.dense:
+            return self._finish_lexical(parts, corpus_info)
         shards = []
         for s in self.plan["shards"]:
             side = json.loads(self._sidecar(s).read_text())
             shards.append({k: side[k] for k in ("file", "rows", "id_start", "id_end", "bytes", "sha256", "docs")})
         manifest = {
+            "kind": KIND_DENSE,
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "dim": self.dim,
@@ -424,6 +467,7 @@ class IndexBuild:
             "num_shards": len(shards),
             "shards": shards,
             "trained": self.plan.get("trained"),
+            "parts": parts,
             "embedder": self.identity,
             # What to load to query this index: a registered name, a hub id or a saved folder.
             "embedder_name": (corpus_info or {}).pop("embedder_name", None)
@@ -433,7 +477,31 @@ class IndexBuild:
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         path = atomic_write_json(self.root / MANIFEST, manifest)
-        logger.info("Index complete: %d vectors in %d shards, %s (%.1fs)", manifest["ntotal"], len(shards), path,
+        logger.info("Index complete: %d vectors in %d shards%s, %s (%.1fs)", manifest["ntotal"], len(shards),
+                    f" + {', '.join(parts)}" if parts else "", path, time.perf_counter() - self._t0)
+        return path
+
+    def _finish_lexical(self, parts: dict[str, Any], corpus_info: dict[str, Any] | None) -> Path:
+        if "bm25" not in parts:
+            raise IndexIntegrityError(f"The bm25 part of {self.root} is missing or invalid; rerun the build.")
+        info = dict(corpus_info or {})
+        info.pop("embedder_name", None)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": KIND_LEXICAL,
+            "ntotal": self.plan["ntotal"],
+            "num_shards": len(self.plan["shards"]),
+            "shards": [{k: s[k] for k in ("rows", "id_start", "id_end", "docs")} for s in self.plan["shards"]],
+            "parts": parts,
+            "embedder": None,
+            "embedder_name": None,
+            "corpus": {**info, **self.plan["key"]["corpus"], "stats": self.plan["stats"]},
+            "config": self.config,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        path = atomic_write_json(self.root / MANIFEST, manifest)
+        logger.info("BM25 index complete: %d documents, %s (%.1fs)", manifest["ntotal"], path,
                     time.perf_counter() - self._t0)
         return path
 
@@ -513,21 +581,36 @@ def build_index_in_process(
     overwrite: bool = False,
     use_gpu: str = "auto",
     on_shard: Callable[[dict[str, Any]], None] | None = None,
+    parts: Sequence[str] = ("dense",),
+    bm25: Any = None,
     **index_opts: Any,
 ) -> Path:
     """Encode ``docs`` with one Embedder in this process (no Ray) and write a sharded index.
 
     ``docs`` is a list of ``{"id", "text", "title"?}`` dicts or a corpus path (JSONL, Parquet, BEIR,
     SMART). ``index_opts`` are :class:`IndexSpec` fields (storage, nlist, nprobe, pq_m, hnsw_m, ...).
-    Returns the path of ``manifest.json``. Same protocol and resumability as :func:`build_index`.
+    ``parts``: any of ``dense`` (FAISS shards), ``bm25``, ``sparse``, ``multivector`` (see
+    :mod:`rayembed.index.lexical`); sparse and multivector need the embedder's heads. Without
+    ``dense`` only ``bm25`` may be asked for, and ``embedder_or_path`` may be None (no model).
+    ``bm25``: :class:`~rayembed.index.lexical.BM25Params` or a config with k1, b, stopwords, stemmer.
+    Returns the path of ``manifest.json``. Same protocol and resumability as :func:`build_index`:
+    a rerun builds only the missing shards and parts, so parts can be added to a built index.
     """
-    emb = _embedder(embedder_or_path)
+    parts = check_parts(parts)
     mapping = mapping or ColumnMapping()
+    if "dense" not in parts:
+        return build_lexical_index(docs, out_dir, bm25=bm25, num_shards=num_shards, shard_size=shard_size,
+                                   format=format, mapping=mapping, limit=limit, overwrite=overwrite)
+    if embedder_or_path is None:
+        raise ValueError(f"parts={list(parts)} need an embedder; only a BM25-only index (parts=['bm25']) needs none.")
+    emb = _embedder(embedder_or_path)
 
     def encode(ids: np.ndarray, texts: list[str]) -> np.ndarray:
         return emb.encode(texts, instruction=doc_instruction, batch_size=batch_size, max_length=max_length,
                           show_progress=False)
 
+    part_encoders = embedder_part_encoders(emb, parts, doc_instruction=doc_instruction, batch_size=batch_size,
+                                           max_length=max_length)
     return build_with_encoder(
         encode, emb.identity(), emb.dim, docs, out_dir, index_type=index_type, num_shards=num_shards,
         shard_size=shard_size, format=format, mapping=mapping, limit=limit, overwrite=overwrite,
@@ -536,8 +619,73 @@ def build_index_in_process(
         else (getattr(emb, "source", None) or emb.config.base_model),
         extra_key={"doc_instruction": doc_instruction, "include_title": mapping.include_title,
                    "max_length": max_length},
+        parts=parts, bm25=bm25, **part_encoders,
         **index_opts,
     )
+
+
+def embedder_part_encoders(emb: Any, parts: Sequence[str], *, doc_instruction: str | None = None,
+                           batch_size: int = 32, max_length: int | None = None) -> dict[str, Any]:
+    """``sparse_encode`` / ``multivector_encode`` functions of ``emb`` for the requested parts.
+
+    Checks up front that the embedder has the heads, so a build does not fail after its shards.
+    """
+    out: dict[str, Any] = {}
+    for part, flag, key in (("sparse", "has_sparse", "sparse_encode"),
+                            ("multivector", "has_multivector", "multivector_encode")):
+        if part not in parts:
+            continue
+        if not getattr(emb, flag, False):
+            raise ValueError(
+                f"index part '{part}' needs an embedder with a {part} head, and {getattr(emb, 'source', None) or 'this embedder'} "
+                f"has none. Train one with model.heads.{part}=true, or drop '{part}' from index.parts."
+            )
+        method = getattr(emb, f"encode_{part}")
+
+        def fn(texts: list[str], _m=method) -> Any:
+            return _m(texts, instruction=doc_instruction, batch_size=batch_size, max_length=max_length)
+
+        out[key] = fn
+    return out
+
+
+def build_lexical_index(
+    docs: Sequence[dict[str, Any]] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    bm25: Any = None,
+    num_shards: int = 1,
+    shard_size: int | None = None,
+    format: str = "auto",
+    mapping: ColumnMapping | None = None,
+    limit: int | None = None,
+    overwrite: bool = False,
+    source: DocSource | None = None,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """A BM25-only index (``manifest["kind"] == "lexical"``): the id map and the ``bm25`` part, no model.
+
+    Search it with :class:`rayembed.search.HybridSearcher` (``methods={"bm25": 1}``).
+    """
+    mapping = mapping or ColumnMapping()
+    if source is None:
+        if isinstance(docs, (str, os.PathLike)):
+            path, fmt = resolve_corpus(docs, format)
+            source = file_source(path, fmt, mapping, limit)
+        else:
+            source = docs_source(list(docs), mapping, limit)
+    params = BM25Params.from_config(bm25)
+    build = IndexBuild(out_dir, spec=IndexSpec(), identity={}, dim=0, shard_size=shard_size or 100_000,
+                       num_shards=0 if shard_size else num_shards, dense=False, overwrite=overwrite,
+                       config=config or {"parts": ["bm25"], "num_shards": num_shards, "bm25": params.to_dict()},
+                       extra_key={"include_title": mapping.include_title})
+    build.prepare(source)
+    if build.is_complete(("bm25",)) and part_done(build.root, build.plan, "bm25",
+                                                  {**params.to_dict(), "include_title": mapping.include_title}):
+        logger.info("Index in %s is already complete", build.root)
+        return build.root / MANIFEST
+    build_parts(build, ("bm25",), include_title=mapping.include_title, bm25=params, overwrite=overwrite)
+    return build.finish({"mapping": mapping.__dict__})
 
 
 def build_with_encoder(
@@ -560,12 +708,21 @@ def build_with_encoder(
     extra_key: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
     embedder_name: str | None = None,
+    parts: Sequence[str] = ("dense",),
+    bm25: Any = None,
+    sparse_encode: SparseEncodeFn | None = None,
+    multivector_encode: MultivectorEncodeFn | None = None,
     **index_opts: Any,
 ) -> Path:
     """The in-process build with any ``encode(texts) -> (n, dim)`` function (e.g. precomputed vectors).
 
-    ``identity`` is recorded in the manifest as the embedder's identity.
+    ``identity`` is recorded in the manifest as the embedder's identity. ``parts`` as for
+    :func:`build_index_in_process`; ``sparse_encode(texts) -> csr (n, vocab)`` and
+    ``multivector_encode(texts) -> [(tokens_i, dim), ...]`` encode the sparse and multivector parts.
     """
+    parts = check_parts(parts)
+    if "dense" not in parts:
+        raise ValueError("build_with_encoder builds a dense index; use build_lexical_index for parts=['bm25'].")
     mapping = mapping or ColumnMapping()
     if isinstance(docs, (str, os.PathLike)):
         path, fmt = resolve_corpus(docs, format)
@@ -578,7 +735,9 @@ def build_with_encoder(
                        config=config or {"index_type": index_type, "num_shards": num_shards, **index_opts},
                        extra_key=extra_key, overwrite=overwrite, use_gpu=use_gpu, on_shard=on_shard)
     build.prepare(source)
-    if (build.root / MANIFEST).exists() and not build.missing_shards():
+    bm25_params = BM25Params.from_config(bm25)
+    if build.is_complete(parts) and ("bm25" not in parts or part_done(
+            build.root, build.plan, "bm25", {**bm25_params.to_dict(), "include_title": mapping.include_title})):
         logger.info("Index in %s is already complete", build.root)
         return build.root / MANIFEST
     if build.needs_training():
@@ -592,6 +751,8 @@ def build_with_encoder(
         for i in range(0, len(texts), batch_size):
             writer.add(ids[i : i + batch_size], encode(ids[i : i + batch_size], texts[i : i + batch_size]))
     writer.close()
+    build_parts(build, parts, include_title=mapping.include_title, bm25=bm25_params, sparse_encode=sparse_encode,
+                multivector_encode=multivector_encode, overwrite=overwrite)
     return build.finish({"mapping": mapping.__dict__, "embedder_name": embedder_name})
 
 

@@ -8,6 +8,12 @@ Layout of an index directory::
     docs/docs-00000.parquet  # id map: id, doc_id, text, title, metadata (JSON)
     shards/shard-00000.faiss # vectors of ids [id_start, id_end) under their global ids
     shards/shard-00000.json  # sidecar: rows, id range, bytes, sha256 (a shard counts only with it)
+    bm25/ sparse/ multivector/  # optional extra parts (see rayembed.index.lexical), in manifest["parts"]
+
+``manifest["kind"]`` is ``"dense"`` (FAISS shards, the usual index; manifests without the key
+are dense) or ``"lexical"``: a BM25-only index with the id map and the ``bm25`` part, no FAISS
+shards and no embedder (``embedder`` is null). Extra parts are listed in ``manifest["parts"]``
+as ``{name: record}``, every file with its size and sha256.
 
 Nothing here is pickled: JSON, Parquet and ``faiss.read_index``. Every path read from a manifest
 is relative and must resolve inside the index directory.
@@ -26,6 +32,8 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 TRAINED = "trained.index"
 MAX_MANIFEST_BYTES = 64 << 20
+KIND_DENSE = "dense"
+KIND_LEXICAL = "lexical"
 
 
 class IndexIntegrityError(ValueError):
@@ -118,6 +126,11 @@ def read_json(path: Path, *, what: str) -> dict[str, Any]:
     return data
 
 
+def kind_of(m: dict[str, Any]) -> str:
+    """``"dense"`` or ``"lexical"`` (see the module docstring); older manifests are dense."""
+    return m.get("kind", KIND_DENSE)
+
+
 def check_manifest(m: dict[str, Any], path: Path) -> None:
     """Structural checks: format, required keys, contiguous shard id ranges summing to ntotal."""
     if m.get("format") != FORMAT:
@@ -127,17 +140,30 @@ def check_manifest(m: dict[str, Any], path: Path) -> None:
             f"{path} has format_version {m.get('format_version')!r}; this rayembed reads {FORMAT_VERSION}. "
             "Rebuild the index with this version."
         )
-    for key in ("dim", "metric", "index_type", "ntotal", "shards", "spec", "embedder"):
+    kind = kind_of(m)
+    if kind not in (KIND_DENSE, KIND_LEXICAL):
+        raise IndexIntegrityError(f"{path} has kind {kind!r}; this rayembed reads 'dense' and 'lexical'.")
+    dense = kind == KIND_DENSE
+    required = ("dim", "metric", "index_type", "ntotal", "shards", "spec", "embedder") if dense else ("ntotal", "shards")
+    for key in required:
         if key not in m:
             raise IndexIntegrityError(f"Manifest {path} lacks the key '{key}'; it is damaged. Rebuild the index.")
+    parts = m.get("parts") or {}
+    if not isinstance(parts, dict):
+        raise IndexIntegrityError(f"Manifest {path}: 'parts' must be an object; it is damaged. Rebuild the index.")
+    if not dense and "bm25" not in parts:
+        raise IndexIntegrityError(f"Manifest {path} is a lexical index without its bm25 part. Rebuild the index.")
     expect = 0
+    shard_keys = ("file", "rows", "id_start", "id_end", "sha256", "bytes", "docs") if dense else (
+        "rows", "id_start", "id_end", "docs")
     for i, s in enumerate(m["shards"]):
-        for key in ("file", "rows", "id_start", "id_end", "sha256", "bytes", "docs"):
+        for key in shard_keys:
             if key not in s:
                 raise IndexIntegrityError(f"Manifest {path}: shard {i} lacks '{key}'. Rebuild the index.")
         if s["id_start"] != expect or s["id_end"] - s["id_start"] != s["rows"]:
             raise IndexIntegrityError(
-                f"Manifest {path}: shard {i} ({s['file']}) covers ids [{s['id_start']}, {s['id_end']}) with "
+                f"Manifest {path}: shard {i} ({s.get('file') or s['docs'].get('file')}) covers ids "
+                f"[{s['id_start']}, {s['id_end']}) with "
                 f"{s['rows']} rows, which does not continue from id {expect}. The manifest does not match "
                 "its shards; rebuild the index."
             )

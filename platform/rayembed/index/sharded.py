@@ -31,16 +31,56 @@ from rayembed.index.faiss_util import (
     to_gpu,
 )
 from rayembed.index.manifest import (
+    KIND_LEXICAL,
     MANIFEST,
     IndexIntegrityError,
     check_manifest,
     identity_of,
+    kind_of,
     read_json,
     same_embedder,
     verify_file,
 )
 
 logger = logging.getLogger(__name__)
+
+
+class DocStore:
+    """The Parquet id map of an index: documents by global id, one part per shard, read on demand."""
+
+    def __init__(self, root: Path, shards: list[dict[str, Any]], ntotal: int):
+        self.root = root
+        self._shards = shards
+        self.ntotal = int(ntotal)
+        self._starts = np.array([s["id_start"] for s in shards], dtype=np.int64)
+        self._tables: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def _part(self, si: int):
+        with self._lock:
+            table = self._tables.get(si)
+            if table is None:
+                table = read_docs_part(self.root, self._shards[si])
+                self._tables[si] = table
+        return table
+
+    def get(self, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any] | None]:
+        """Documents of global ``ids`` in order; None for id -1 (see :meth:`ShardedIndex.get_documents`)."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        bad = ids[(ids != -1) & ((ids < 0) | (ids >= self.ntotal))]
+        if len(bad):
+            raise KeyError(f"id {int(bad[0])} is not in this index (0..{self.ntotal - 1}).")
+        out: list[dict[str, Any] | None] = [None] * len(ids)
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        for si in np.unique(shard_of[ids >= 0]):
+            pos = np.flatnonzero((shard_of == si) & (ids >= 0))
+            rows = self._part(int(si)).take(ids[pos] - self._starts[si]).to_pylist()
+            for p, row in zip(pos.tolist(), rows):
+                doc = {"id": int(row["id"]), "doc_id": row["doc_id"], "text": row["text"], "title": row["title"] or ""}
+                if row.get("metadata"):
+                    doc["metadata"] = json.loads(row["metadata"])
+                out[p] = doc
+        return out
 
 
 class ShardedIndex:
@@ -54,7 +94,7 @@ class ShardedIndex:
         self.on_gpu = use_gpu
         self.spec = IndexSpec(**manifest["spec"])
         self._starts = np.array([s["id_start"] for s in manifest["shards"]], dtype=np.int64)
-        self._docs: dict[int, Any] = {}
+        self.docs = DocStore(root, manifest["shards"], manifest["ntotal"])
         self._lock = threading.Lock()
         self._params = (None, None)
         self._pool = ThreadPoolExecutor(max_workers=min(len(shards), os.cpu_count() or 1)) if len(shards) > 1 else None
@@ -84,6 +124,12 @@ class ShardedIndex:
         raw = manifest_path.read_bytes() if manifest_path.is_file() else None
         m = read_json(manifest_path, what="index manifest")
         check_manifest(m, manifest_path)
+        if kind_of(m) == KIND_LEXICAL:
+            raise IndexIntegrityError(
+                f"Index {manifest_path} is a BM25-only index (kind 'lexical'): it holds no dense vectors. "
+                "Search it with rayembed.search.HybridSearcher (methods={'bm25': 1}), or rebuild it with "
+                "the dense part (index.parts=[dense, bm25])."
+            )
         if expected_embedder is not None:
             want = identity_of(expected_embedder)
             if not same_embedder(m["embedder"], want):
@@ -222,33 +268,12 @@ class ShardedIndex:
 
     # ------------------------------------------------------------------ documents
 
-    def _docs_of(self, si: int):
-        table = self._docs.get(si)
-        if table is None:
-            table = read_docs_part(self.root, self.manifest["shards"][si])
-            self._docs[si] = table
-        return table
-
     def get_documents(self, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any] | None]:
         """Documents of global ``ids`` from the Parquet id map, in order; None for id -1.
 
         Each is ``{"id", "doc_id", "text", "title"}`` plus ``"metadata"`` where the corpus had some.
         """
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        bad = ids[(ids != -1) & ((ids < 0) | (ids >= self.ntotal))]
-        if len(bad):
-            raise KeyError(f"id {int(bad[0])} is not in this index (0..{self.ntotal - 1}).")
-        out: list[dict[str, Any] | None] = [None] * len(ids)
-        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
-        for si in np.unique(shard_of[ids >= 0]):
-            pos = np.flatnonzero((shard_of == si) & (ids >= 0))
-            rows = self._docs_of(int(si)).take(ids[pos] - self._starts[si]).to_pylist()
-            for p, row in zip(pos.tolist(), rows):
-                doc = {"id": int(row["id"]), "doc_id": row["doc_id"], "text": row["text"], "title": row["title"] or ""}
-                if row.get("metadata"):
-                    doc["metadata"] = json.loads(row["metadata"])
-                out[p] = doc
-        return out
+        return self.docs.get(ids)
 
     # ------------------------------------------------------------------ merging
 
