@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -84,3 +84,62 @@ def info_nce(
     scores = q @ d.T / tau  # (B, M_total)
     labels = torch.arange(q.shape[0], device=q.device) + offset  # (B,)
     return F.cross_entropy(scores.float(), labels, reduction=reduction)
+
+
+def multi_head_info_nce(
+    scores: Mapping[str, torch.Tensor],
+    weights: Mapping[str, float],
+    *,
+    tau: float = 0.02,
+    offsets: Mapping[str, int] | None = None,
+    num_local: int | None = None,
+    self_distill: bool = False,
+    self_distill_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """InfoNCE on several score matrices at once (BGE-M3: dense, sparse, multi-vector).
+
+    ``loss = sum_h w_h * InfoNCE(s_h / tau)``; with ``self_distill``, BGE-M3's self-knowledge
+    distillation adds ``self_distill_weight * sum_h w_h * CE(p, softmax(s_h / tau))`` where the
+    teacher ``p = softmax(sum_h w_h * s_h / tau)`` is detached: every head learns towards the
+    ensemble of all heads. (BGE-M3 averages the two parts and adds an InfoNCE on the ensemble;
+    here the parts are summed and weighted, which differs only by constant factors.)
+
+    Args:
+        scores: name -> (B, M_h) similarities (not yet divided by tau). Query i's positive is
+            column ``offsets[name] + i``; the rest are in-batch and hard negatives.
+        weights: name -> weight; every name in ``scores`` needs one.
+        offsets: where this worker's documents start in a gathered matrix (0 if absent).
+        num_local: this worker's document count; the teacher and the distillation use
+            columns ``offset .. offset + num_local`` of every matrix, so that all heads score the
+            same documents. Default: the narrowest matrix's width.
+    Returns:
+        ``(loss, parts)``: the total and each head's InfoNCE (and ``distill_<name>`` terms).
+    """
+    if not scores:
+        raise ValueError("multi_head_info_nce needs at least one score matrix.")
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}.")
+    missing = [name for name in scores if name not in weights]
+    if missing:
+        raise ValueError(f"multi_head_info_nce: no weight for {missing}; weights given for {sorted(weights)}.")
+    offsets = dict(offsets or {})
+    parts: dict[str, torch.Tensor] = {}
+    total: torch.Tensor | None = None
+    for name, s in scores.items():
+        labels = torch.arange(s.shape[0], device=s.device) + offsets.get(name, 0)  # (B,)
+        parts[name] = F.cross_entropy((s / tau).float(), labels)
+        term = weights[name] * parts[name]  # a 0 weight still connects the head (DDP needs it)
+        total = term if total is None else total + term
+    assert total is not None
+    if self_distill:
+        width = num_local if num_local is not None else min(s.shape[1] for s in scores.values())
+        local = {
+            name: (s[:, offsets.get(name, 0) : offsets.get(name, 0) + width] / tau).float()  # (B, width)
+            for name, s in scores.items()
+        }
+        teacher_logits = sum(weights[name] * logits for name, logits in local.items())
+        teacher = torch.softmax(teacher_logits.detach(), dim=-1)  # (B, width)
+        for name, logits in local.items():
+            parts[f"distill_{name}"] = -(teacher * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+            total = total + self_distill_weight * weights[name] * parts[f"distill_{name}"]
+    return total, parts

@@ -41,6 +41,23 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class HeadsLossWeights:
+    """Weights of each head's InfoNCE loss (and of its score in the self-distillation teacher)."""
+
+    dense: float = option(1.0, "Weight of the dense (pooled vector) loss and score.")
+    sparse: float = option(0.3, "Weight of the sparse lexical loss and score (BGE-M3: 0.3).")
+    multivector: float = option(1.0, "Weight of the multi-vector (MaxSim) loss and score.")
+
+    def __post_init__(self) -> None:
+        for name in ("dense", "sparse", "multivector"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ConfigError(f"train.heads_loss_weights.{name} must be >= 0, got {value}.")
+        if self.dense + self.sparse + self.multivector <= 0:
+            raise ConfigError("train.heads_loss_weights are all 0; give at least one head a positive weight.")
+
+
+@dataclass
 class TrainConfig:
     """Contrastive (E5), SimCSE or MNTP training of an embedder on Ray Train workers."""
 
@@ -124,6 +141,17 @@ class TrainConfig:
         "this step, on an attempt that started without a checkpoint. 0: off.",
     )
 
+    heads_loss_weights: HeadsLossWeights = option(
+        help="With model.heads: the loss is the weighted sum of each head's InfoNCE (BGE-M3: 1, 0.3, 1).",
+        factory=HeadsLossWeights,
+    )
+    self_distill: bool = option(
+        False,
+        "With model.heads: BGE-M3 self-knowledge distillation. The softmax of the weighted sum of all "
+        "heads' scores (detached) is a soft target each head is also trained towards.",
+    )
+    self_distill_weight: float = option(1.0, "Weight of the self-distillation terms beside the InfoNCE terms.")
+
     deepspeed: DeepSpeedConfig = option(help="DeepSpeed (ZeRO) settings.", factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
@@ -170,6 +198,8 @@ class TrainConfig:
             raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}.")
         if self.eval_every and not self.eval_dataset:
             raise ConfigError("train.eval_every is set but train.eval_dataset is empty; name a BEIR folder.")
+        if self.self_distill_weight < 0:
+            raise ConfigError(f"train.self_distill_weight must be >= 0, got {self.self_distill_weight}.")
         if self.mode == "mntp" and self.chunk_size:
             raise ConfigError("train.chunk_size (GradCache) applies to contrastive modes; set it to 0 for mntp.")
 

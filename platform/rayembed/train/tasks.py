@@ -4,7 +4,9 @@ A task owns the trainable ``model`` (an ``nn.Module`` handed to the engine), com
 step's loss and backward from a stream batch, and exports the result as a saved embedder.
 
 - :class:`ContrastiveTask` (``train.mode=contrastive``): InfoNCE of instructed queries against
-  positives, hard negatives and, through the gather, every worker's documents.
+  positives, hard negatives and, through the gather, every worker's documents. With
+  ``model.heads`` (BGE-M3), the sparse and multi-vector heads get their own InfoNCE terms,
+  weighted by ``train.heads_loss_weights``, plus optional self-distillation.
 - :class:`SimCSETask` (``simcse``, LLM2Vec step 3): each document goes through twice with
   dropout; the two views are each other's positives, the rest of the global batch negatives.
 - :class:`MNTPTask` (``mntp``, LLM2Vec step 2): bidirectional attention, a fraction of tokens
@@ -34,11 +36,14 @@ class MultiEncoder(torch.nn.Module):
     they go through the embedder as separate calls inside this single module call.
     """
 
-    def __init__(self, embedder: torch.nn.Module):
+    def __init__(self, embedder: torch.nn.Module, all_outputs: bool = False):
         super().__init__()
         self.embedder = embedder
+        self.all_outputs = all_outputs  # heads: each group gives Embedder.forward_all's dict
 
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, *tensors: torch.Tensor) -> tuple[Any, ...]:
+        if self.all_outputs:
+            return tuple(self.embedder.forward_all(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2))
         return tuple(self.embedder(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2))  # (n_g, D)
 
 
@@ -99,16 +104,21 @@ class ContrastiveTask:
             device=str(device),
             trust_remote_code=mc.trust_remote_code,
             cache=mc.cache_dir,
+            sparse=mc.heads.sparse or None,  # a saved embedder keeps the heads it has
+            multivector=mc.heads.multivector or None,
+            multivector_dim=mc.heads.multivector_dim,
         )
         _lora_base_fixup(self.embedder)
         if mc.lora.enabled:
-            self.embedder.add_lora(mc.lora)
+            self.embedder.add_lora(mc.lora)  # wraps the backbone only: the heads stay trainable
         if tc.mode == "simcse":
             _set_dropout(self.embedder.model, tc.simcse_dropout)
         if tc.gradient_checkpointing:
             _enable_checkpointing(self.embedder.model)
+        self.heads = self.embedder.has_heads
+        _check_heads_options(tc, self.heads)
         self.embedder.train()
-        self.model = MultiEncoder(self.embedder)
+        self.model = MultiEncoder(self.embedder, all_outputs=self.heads)
 
     def _groups(self, batch: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [
@@ -119,11 +129,49 @@ class ContrastiveTask:
     def _loss(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         return info_nce(q, d, tau=self.train.temperature, gather=True)
 
+    def _heads_loss(
+        self, q: dict[str, torch.Tensor], d: dict[str, torch.Tensor], q_ids: torch.Tensor, d_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted InfoNCE of every head (+ self-distillation): BGE-M3's joint objective.
+
+        The dense scores use the cross-worker gather as :meth:`_loss` does. The sparse and
+        multi-vector scores are over this worker's documents only: gathering (B, L) token
+        weights with their ids and (B, L, Dm) token vectors of varying L would cost far more
+        traffic than the dense vectors, and each head still sees B*(1+n) candidates. With one
+        worker both are the same pool. Self-distillation uses the local documents of every head.
+        """
+        from rayembed.losses import gather_documents, multi_head_info_nce
+        from rayembed.modeling.heads import maxsim_torch, sparse_scores_torch
+
+        tc = self.train
+        w = tc.heads_loss_weights
+        d_dense, offset = gather_documents(d["dense"])  # (sum M_w, D)
+        scores = {"dense": q["dense"] @ d_dense.T}  # (B, sum M_w)
+        weights = {"dense": w.dense}
+        if "sparse" in q:
+            scores["sparse"] = sparse_scores_torch(q["sparse"], q_ids, d["sparse"], d_ids, q["mask"], d["mask"])  # (B, M)
+            weights["sparse"] = w.sparse
+        if "multivector" in q:
+            scores["multivector"] = maxsim_torch(q["multivector"], q["mask"], d["multivector"], d["mask"])  # (B, M)
+            weights["multivector"] = w.multivector
+        return multi_head_info_nce(
+            scores, weights, tau=tc.temperature, offsets={"dense": offset}, num_local=d["dense"].shape[0],
+            self_distill=tc.self_distill, self_distill_weight=tc.self_distill_weight,
+        )
+
     def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
         """Forward and backward of one batch (the engine's step() applies the update)."""
         groups = self._groups(batch)
         autocast = getattr(engine, "autocast_dtype", None)
         ctx = torch.autocast(engine.device.type, dtype=autocast) if autocast else _nullcontext()
+        if self.heads:
+            with ctx:
+                q, d = engine.module(*[t for g in groups for t in g])  # dicts of forward_all outputs
+                loss, parts = self._heads_loss(q, d, groups[0][0], groups[1][0])
+                engine.backward(loss)
+            out = {"loss": float(loss.detach()), "local_docs": groups[1][0].shape[0]}
+            out.update({f"loss_{name}": float(v.detach()) for name, v in parts.items()})
+            return out
         with ctx:
             if self.train.chunk_size:
                 loss = gradcache_step(
@@ -148,6 +196,21 @@ class ContrastiveTask:
         out = self.embedder.save_pretrained(path, merge_lora=merge_lora)
         self.embedder.train(was_training)
         return out
+
+
+def _check_heads_options(tc: Any, heads: bool) -> None:
+    from rayembed.config.base import ConfigError
+
+    if heads and tc.chunk_size:
+        raise ConfigError(
+            "train.chunk_size (GradCache) does not support model.heads (sparse / multi-vector token "
+            "outputs are not cached); set train.chunk_size=0, or train without heads."
+        )
+    if tc.self_distill and not heads:
+        raise ConfigError(
+            "train.self_distill distils the ensemble of several heads into each; it needs "
+            "model.heads.sparse=true and/or model.heads.multivector=true (or set train.self_distill=false)."
+        )
 
 
 class SimCSETask(ContrastiveTask):
@@ -219,6 +282,13 @@ class MNTPTask:
         from rayembed.modeling.bidirectional import enable_bidirectional
 
         mc, tc = cfg.model, cfg.train
+        if mc.heads.sparse or mc.heads.multivector:
+            from rayembed.config.base import ConfigError
+
+            raise ConfigError(
+                "train.mode=mntp trains the backbone only and exports no heads; set model.heads.sparse=false "
+                "and model.heads.multivector=false, and add the heads in a later contrastive stage."
+            )
         self.cfg = cfg
         self.train = tc
         name = str(mc.name_or_path)
