@@ -101,20 +101,38 @@ def detect_format(path: Path) -> str:
 def _subsample(data: RetrievalData, max_queries: int, max_docs: int, seed: int = 0) -> RetrievalData:
     """Keep the first ``max_queries`` judged queries and at most ``max_docs`` documents.
 
-    Documents judged for the kept queries are kept first, so the metrics stay meaningful; the
-    rest are a seeded random sample of the remaining corpus (distractors).
+    Documents judged relevant for the kept queries are kept first, taken in turn from each
+    query (best grade first) so every query keeps its share, then the other judged ones; the
+    rest are a seeded random sample of the remaining corpus (distractors). When ``max_docs``
+    cannot hold every relevant document a warning says how many were dropped: their queries
+    can no longer reach full recall, so raise ``max_docs`` or lower ``max_queries``.
     """
     if max_queries:
         keep_q = data.judged_query_ids()[:max_queries]
         data.queries = {q: data.queries[q] for q in keep_q}
         data.qrels = {q: data.qrels[q] for q in keep_q if q in data.qrels}
     if max_docs and max_docs < len(data.corpus):
-        judged = [d for q in data.qrels.values() for d in q if d in data.corpus]
-        keep = list(dict.fromkeys(judged))[:max_docs]
-        rest = [d for d in data.corpus if d not in set(keep)]
+        per_query = [
+            [d for d, _ in sorted(((d, g) for d, g in rel.items() if g > 0 and d in data.corpus),
+                                  key=lambda x: -x[1])]
+            for rel in data.qrels.values()
+        ]
+        relevant = [lst[i] for i in range(max(map(len, per_query), default=0)) for lst in per_query if i < len(lst)]
+        judged = [d for rel in data.qrels.values() for d, g in rel.items() if g <= 0 and d in data.corpus]
+        ordered = list(dict.fromkeys(relevant + judged))
+        keep = ordered[:max_docs]
+        n_relevant = len(dict.fromkeys(relevant))
+        if n_relevant > max_docs:
+            logger.warning(
+                "%s: max_docs=%d keeps %d of the %d documents judged relevant for the %d kept queries; "
+                "recall is capped. Raise max_docs or lower max_queries.",
+                data.name, max_docs, max_docs, n_relevant, len(data.qrels),
+            )
+        kept = set(keep)
+        rest = [d for d in data.corpus if d not in kept]
         random.Random(seed).shuffle(rest)
-        keep_set = set(keep) | set(rest[: max_docs - len(keep)])
-        data.corpus = {d: v for d, v in data.corpus.items() if d in keep_set}
+        kept |= set(rest[: max_docs - len(keep)])
+        data.corpus = {d: v for d, v in data.corpus.items() if d in kept}
     return data
 
 
