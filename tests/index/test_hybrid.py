@@ -227,3 +227,39 @@ def test_embedder_without_heads_is_refused_before_encoding(tmp_path):
     with pytest.raises(ValueError, match=r"needs an embedder with a sparse head.*model\.heads\.sparse=true"):
         build_index_in_process(plain, corpus(), tmp_path / "x", parts=["dense", "sparse"])
     assert not (tmp_path / "x").exists()
+
+
+def test_ray_build_builds_the_parts(ray_local, tmp_path):
+    import json
+
+    from rayembed.config import load_config
+    from rayembed.index import build_index
+    from rayembed.modeling.embedder import Embedder
+
+    model_dir = tmp_path / "tiny-heads"
+    Embedder.from_pretrained("tiny-llama", sparse=True, multivector=True, multivector_dim=16,
+                             max_length=64).save_pretrained(model_dir)
+    emb = Embedder.from_pretrained(model_dir)
+    corpus_path = tmp_path / "corpus.jsonl"
+    corpus_path.write_text("".join(json.dumps({"_id": d["id"], "text": d["text"]}) + "\n" for d in corpus()))
+
+    def cfg(out, parts):
+        return load_config(None, [
+            f"run_dir={tmp_path / 'run'}", f"index.embedder={model_dir}", f"index.corpus={corpus_path}",
+            f"index.output_dir={out}", "index.num_shards=2", "index.encode.min_actors=1", "index.encode.max_actors=1",
+            "index.encode.num_cpus_per_actor=0.5", "index.encode.batch_size=16", "compute.log_to_driver=false",
+            f"index.parts={parts}",
+        ])
+
+    lexical = build_index(cfg(tmp_path / "lex", "[bm25]"))
+    s = HybridSearcher.open(lexical)
+    assert s.kind == "lexical"
+    ref = HybridSearcher.open(build_index_in_process(emb, corpus(), tmp_path / "ref", num_shards=2, parts=ALL))
+    assert s.search(QUERIES, 5) == ref.search(QUERIES, 5, methods={"bm25": 1})
+
+    full = HybridSearcher.open(build_index(cfg(tmp_path / "full", "[dense, bm25, sparse, multivector]")))
+    assert full.available_methods == ["dense", "bm25", "sparse"] and full.available_rerankers == ["multivector"]
+    for methods in ({"sparse": 1}, {"dense": 1, "bm25": 1, "sparse": 1}):
+        got = full.search(QUERIES, 5, methods=methods, rerank="multivector", rerank_top=10)
+        want = ref.search(QUERIES, 5, methods=methods, rerank="multivector", rerank_top=10)
+        assert [[h["doc_id"] for h in r] for r in got] == [[h["doc_id"] for h in r] for r in want]

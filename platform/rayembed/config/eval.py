@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rayembed.config.base import ConfigError, option
+from rayembed.config.index import BM25Config
 
 DATASET_FORMATS = ("auto", "beir", "smart", "sts")
 
@@ -74,18 +75,53 @@ class PasskeyConfig:
             )
 
 
-@dataclass
-class BM25Config:
-    """The BM25 baseline (bm25s, Lucene scoring)."""
+HYBRID_METHODS = ("dense", "bm25", "sparse")
 
-    k1: float = option(1.5, "BM25 k1 (term-frequency saturation).")
-    b: float = option(0.75, "BM25 b (length normalisation).")
-    stopwords: str = option("en", "bm25s stopword list ('en'), or 'none'.")
-    stemmer: str = option("english", "PyStemmer algorithm ('english'), or 'none'.")
+
+@dataclass
+class HybridSpec:
+    """One hybrid row of the results table: an embedder's index searched with several methods, fused.
+
+    Example: ``{name: "dense+bm25 (rrf)", methods: {dense: 1, bm25: 1}, fusion: rrf}``, or with
+    ``rerank: multivector`` (the embedder needs its multi-vector head).
+    """
+
+    name: str = option("dense+bm25 (rrf)", "Row name in the results table; unique among models and hybrids.")
+    model: str | None = option(
+        None,
+        "The embedder: an eval.models name, a saved folder or a registered name. Empty: the last "
+        "embedding model of eval.models (in `rayembed pipeline`, the trained model).",
+    )
+    methods: dict[str, float] = option(
+        help="First-stage methods and their weights: dense, bm25, sparse (sparse needs model.heads.sparse).",
+        factory=lambda: {"dense": 1.0, "bm25": 1.0},
+    )
+    fusion: Literal["rrf", "weighted_sum"] = option(
+        "rrf", "rrf: reciprocal rank fusion (k=60); weighted_sum: min-max normalised scores, weighted."
+    )
+    rerank: Literal["multivector"] | None = option(
+        None, "multivector: rerank the fused top rerank_top with MaxSim (needs model.heads.multivector)."
+    )
+    rerank_top: int = option(100, "How many fused hits the reranker re-scores.")
+    candidates: int = option(100, "Hits each method retrieves per query before fusion.")
 
     def __post_init__(self) -> None:
-        if self.k1 < 0 or not 0.0 <= self.b <= 1.0:
-            raise ConfigError(f"eval.bm25: need k1 >= 0 and 0 <= b <= 1, got k1={self.k1}, b={self.b}.")
+        if not self.name:
+            raise ConfigError("eval.hybrid[].name is empty; name each hybrid row.")
+        bad = [m for m in self.methods if m not in HYBRID_METHODS]
+        if bad or not self.methods:
+            raise ConfigError(
+                f"eval.hybrid[{self.name}].methods={self.methods}: use one or more of {list(HYBRID_METHODS)} "
+                "with a weight each, e.g. {dense: 1, bm25: 1}."
+            )
+        if any(w < 0 for w in self.methods.values()):
+            raise ConfigError(f"eval.hybrid[{self.name}].methods: weights must be >= 0, got {self.methods}.")
+        if self.rerank_top < 1 or self.candidates < 1:
+            raise ConfigError(f"eval.hybrid[{self.name}]: rerank_top and candidates must be at least 1.")
+
+    @property
+    def needs_model(self) -> bool:
+        return any(m != "bm25" for m in self.methods) or self.rerank is not None
 
 
 def _default_datasets() -> list[DatasetSpec]:
@@ -125,7 +161,13 @@ class EvalConfig:
         False, "Keep each model's FAISS index under <output_dir>/indexes/<model>/<dataset> and reuse it."
     )
     plot: bool = option(True, "Write ndcg.png, a bar plot of nDCG@10 per model and dataset.")
-    bm25: BM25Config = option(help="BM25 baseline settings.", factory=BM25Config)
+    bm25: BM25Config = option(help="BM25 baseline settings (also the bm25 method of eval.hybrid).",
+                              factory=BM25Config)
+    hybrid: list[HybridSpec] = option(
+        help="Hybrid rows: an embedder's index searched with dense, bm25 and sparse fused, optionally "
+        "reranked with multi-vector MaxSim. Empty: none.",
+        factory=list,
+    )
     passkey: PasskeyConfig = option(help="Long-context passkey retrieval test.", factory=PasskeyConfig)
 
     def __post_init__(self) -> None:
@@ -136,6 +178,10 @@ class EvalConfig:
         for name, path in self.models.items():
             if not path:
                 raise ConfigError(f"eval.models.{name} is empty; give a folder, registered name or 'bm25'.")
+        rows = list(self.models) + [h.name for h in self.hybrid]
+        dup_rows = sorted({n for n in rows if rows.count(n) > 1})
+        if dup_rows:
+            raise ConfigError(f"eval.models and eval.hybrid share the row names {dup_rows}; give each row its own name.")
         names = [d.name for d in self.datasets]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

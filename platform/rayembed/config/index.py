@@ -9,6 +9,11 @@ Example (a recipe fragment)::
       storage: fp16
       shard_size: 100000
       encode: {min_actors: 1, max_actors: 4, num_cpus_per_actor: 0.5, batch_size: 64}
+      parts: [dense, bm25]                    # FAISS shards plus a BM25 index beside them
+
+``parts`` lists what is built beside the id map: ``dense`` (FAISS shards), ``bm25`` (needs no
+model; ``parts: [bm25]`` alone is a BM25-only index), ``sparse`` and ``multivector`` (the
+embedder's learned heads, ``model.heads.*``). Search them with ``rayembed.search.HybridSearcher``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,21 @@ from rayembed.config.base import ConfigError, option
 
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 STORAGES = ("fp32", "fp16", "sq8")
+INDEX_PARTS = ("dense", "bm25", "sparse", "multivector")
+
+
+@dataclass
+class BM25Config:
+    """BM25 (bm25s, Lucene scoring) and its tokenisation; shared by index.bm25 and eval.bm25."""
+
+    k1: float = option(1.5, "BM25 k1 (term-frequency saturation).")
+    b: float = option(0.75, "BM25 b (length normalisation).")
+    stopwords: str = option("en", "bm25s stopword list ('en'), or 'none'.")
+    stemmer: str = option("english", "PyStemmer algorithm ('english'), or 'none'.")
+
+    def __post_init__(self) -> None:
+        if self.k1 < 0 or not 0.0 <= self.b <= 1.0:
+            raise ConfigError(f"bm25: need k1 >= 0 and 0 <= b <= 1, got k1={self.k1}, b={self.b}.")
 
 
 @dataclass
@@ -104,6 +124,12 @@ class IndexConfig:
         False, "Delete an existing, different build in output_dir instead of refusing to resume it."
     )
     encode: EncodeConfig = option(help="Encoder actor pool.", factory=EncodeConfig)
+    parts: list[str] = option(
+        help="What to build: dense (FAISS shards), bm25 (no model needed; alone = a BM25-only index), "
+        "sparse and multivector (the embedder's learned heads; they need dense too).",
+        factory=lambda: ["dense"],
+    )
+    bm25: BM25Config = option(help="BM25 part settings (index.parts with bm25).", factory=BM25Config)
 
     def __post_init__(self) -> None:
         if self.storage != "fp32" and self.index_type == "ivf_pq":
@@ -121,5 +147,14 @@ class IndexConfig:
             raise ConfigError(f"index.pq_nbits must be in 1..16, got {self.pq_nbits}; 8 is usual.")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"index.limit must be positive or empty, got {self.limit}.")
+        unknown = [p for p in self.parts if p not in INDEX_PARTS]
+        if unknown or not self.parts:
+            raise ConfigError(f"index.parts={self.parts}: choose one or more of {list(INDEX_PARTS)}, e.g. [dense, bm25].")
+        model_parts = [p for p in self.parts if p in ("sparse", "multivector")]
+        if model_parts and "dense" not in self.parts:
+            raise ConfigError(
+                f"index.parts={self.parts}: {model_parts} are encoded by the embedder and need dense beside them; "
+                f"write index.parts=[dense, {', '.join(model_parts)}]. Only bm25 stands alone."
+            )
         if not self.text_field:
             raise ConfigError("index.text_field is empty; name the column that holds the document text.")

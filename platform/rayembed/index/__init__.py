@@ -10,8 +10,12 @@ Public API::
     scores, ids = idx.search(query_vectors, k=10)     # (n, k) float32, (n, k) int64 global ids
     docs = idx.get_documents(ids[0])
 
+    # Parts beside the shards, and a BM25-only index (no model); search them with rayembed.search.
+    build_index_in_process(emb, docs, "runs/idx", parts=("dense", "bm25", "sparse", "multivector"))
+    build_lexical_index(docs, "runs/bm25")
+
 See :mod:`rayembed.index.builder` for the build protocol and :mod:`rayembed.index.manifest` for
-the files on disk.
+the files on disk, :mod:`rayembed.index.lexical` for the extra parts.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from rayembed.index.manifest import IndexIntegrityError, UnsafePathError
 
 if TYPE_CHECKING:
-    from rayembed.index.builder import build_index_from_vectors, build_index_in_process
+    from rayembed.index.builder import build_index_from_vectors, build_index_in_process, build_lexical_index
     from rayembed.index.ray_build import EncoderActor, build_index, build_indexes
     from rayembed.index.sharded import ShardedIndex
 
@@ -29,6 +33,7 @@ _LAZY = {
     "ShardedIndex": "rayembed.index.sharded",
     "build_index_in_process": "rayembed.index.builder",
     "build_index_from_vectors": "rayembed.index.builder",
+    "build_lexical_index": "rayembed.index.builder",
     "build_index": "rayembed.index.ray_build",
     "build_indexes": "rayembed.index.ray_build",
     "EncoderActor": "rayembed.index.ray_build",
@@ -53,4 +58,5 @@ __all__ = [
     "build_index_from_vectors",
     "build_indexes",
     "build_index_in_process",
+    "build_lexical_index",
 ]

@@ -7,6 +7,11 @@ On a cluster the autoscaler adds (GPU) nodes while the pool grows and releases t
 The driver receives ``(id, vector)`` batches and writes each shard as soon as it is complete,
 so a killed job keeps every shard already written (see :mod:`rayembed.index.builder`).
 
+``index.parts``: ``bm25`` is built on the driver from the id map (no model; ``parts: [bm25]``
+alone builds a BM25-only index without starting any encoder). ``sparse`` and ``multivector``
+are encoded after the shards by one Embedder on the driver (on its GPU when it has one), not on
+the actor pool.
+
 Laptop::
 
     rayembed index --config jobs/configs/local/index.yaml
@@ -27,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from rayembed.index.builder import DocSource, IndexBuild
+from rayembed.index.builder import DocSource, IndexBuild, build_lexical_index, embedder_part_encoders
 from rayembed.index.corpus import (
     ColumnMapping,
     encode_text,
@@ -37,7 +42,7 @@ from rayembed.index.corpus import (
     resolve_corpus,
 )
 from rayembed.index.faiss_util import IndexSpec
-from rayembed.index.manifest import MANIFEST
+from rayembed.index.lexical import BM25Params, build_parts, check_parts, part_done
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +80,13 @@ class EncoderActor:
         return {"id": np.asarray(batch["id"], dtype=np.int64), "vector": vectors}
 
 
-def _probe(name_or_path: str, load_kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """Identity and dimension of the embedder, computed where the actors run (not on the driver)."""
+def _probe(name_or_path: str, load_kwargs: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, bool]]:
+    """Identity, dimension and heads of the embedder, computed where the actors run (not on the driver)."""
     from rayembed.modeling.embedder import Embedder
 
     emb = Embedder.from_pretrained(name_or_path, **load_kwargs)
-    return emb.identity(), int(emb.dim)
+    heads = {"sparse": bool(getattr(emb, "has_sparse", False)), "multivector": bool(getattr(emb, "has_multivector", False))}
+    return emb.identity(), int(emb.dim), heads
 
 
 def embedder_args(cfg: Any) -> tuple[str, dict[str, Any]]:
@@ -199,16 +205,33 @@ def build_index(cfg: Any) -> Path:
         data_dir = None
     path, fmt = resolve_corpus(icfg.corpus, icfg.format, data_dir)
     out_dir = Path(icfg.output_dir or Path(cfg.run_dir) / "index")
+    try:
+        parts = check_parts(icfg.parts, where="index.parts")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    mapping = ColumnMapping.from_config(icfg)
     init_ray(cfg.compute)
+    if "dense" not in parts:
+        logger.info("Building a BM25-only index (index.parts=%s): no embedder is loaded", list(parts))
+        return build_lexical_index(
+            None, out_dir, bm25=icfg.bm25, shard_size=None if icfg.num_shards else icfg.shard_size,
+            num_shards=icfg.num_shards, mapping=mapping, overwrite=icfg.overwrite,
+            source=ray_source(path, fmt, mapping, icfg.limit), config=redact_config(to_dict(cfg)),
+        )
     name, load_kwargs = embedder_args(cfg)
     t0 = time.perf_counter()
     remote: dict[str, Any] = {"num_cpus": enc.num_cpus_per_actor}
     if enc.num_gpus_per_actor > 0:
         remote["num_gpus"] = enc.num_gpus_per_actor
-    identity, dim = ray.get(ray.remote(**remote)(_probe).remote(name, load_kwargs))
+    identity, dim, heads = ray.get(ray.remote(**remote)(_probe).remote(name, load_kwargs))
     logger.info("Embedder %s: dim %d (%.1fs to load)", name, dim, time.perf_counter() - t0)
+    for part in ("sparse", "multivector"):
+        if part in parts and not heads[part]:
+            raise ConfigError(
+                f"index.parts has '{part}' but the embedder {name} has no {part} head. Train one with "
+                f"model.heads.{part}=true, or drop '{part}' from index.parts."
+            )
 
-    mapping = ColumnMapping.from_config(icfg)
     build = IndexBuild(
         out_dir, spec=IndexSpec.from_config(icfg), identity=identity, dim=dim, shard_size=icfg.shard_size,
         num_shards=icfg.num_shards, config=redact_config(to_dict(cfg)), overwrite=icfg.overwrite,
@@ -217,9 +240,11 @@ def build_index(cfg: Any) -> Path:
                    "max_length": enc.max_length},
     )
     build.prepare(ray_source(path, fmt, mapping, icfg.limit))
-    if (build.root / MANIFEST).exists() and not build.missing_shards():
+    bm25 = BM25Params.from_config(icfg.bm25)
+    if build.is_complete(parts) and ("bm25" not in parts or part_done(
+            build.root, build.plan, "bm25", {**bm25.to_dict(), "include_title": icfg.include_title})):
         logger.info("Index in %s is already complete", build.root)
-        return build.root / MANIFEST
+        return build.root / "manifest.json"
     save_resolved(cfg, build.root)
 
     if build.needs_training():
@@ -248,7 +273,29 @@ def build_index(cfg: Any) -> Path:
     if writer.rows:
         secs = time.perf_counter() - writer.t0
         logger.info("Encoded %d documents in %.1fs (%.1f docs/s)", writer.rows, secs, writer.rows / secs)
+    encoders: dict[str, Any] = {}
+    if any(p in parts for p in ("sparse", "multivector")):
+        encoders = _driver_part_encoders(name, load_kwargs, parts, cfg)
+    build_parts(build, parts, include_title=icfg.include_title, bm25=bm25, overwrite=icfg.overwrite, **encoders)
     return build.finish({"mapping": mapping.__dict__, "embedder_name": name})
+
+
+def _driver_part_encoders(name: str, load_kwargs: dict[str, Any], parts: tuple[str, ...], cfg: Any
+                          ) -> dict[str, Any]:
+    """Encoders of the sparse / multivector parts: one Embedder on the driver (GPU when it has one)."""
+    import torch
+
+    from rayembed.modeling.embedder import Embedder
+
+    kwargs = dict(load_kwargs)
+    if str(kwargs.get("device") or "").startswith("cuda") and not torch.cuda.is_available():
+        kwargs["device"] = "cpu"
+    logger.info("Encoding the %s part(s) on the driver (%s)", [p for p in parts if p in ("sparse", "multivector")],
+                kwargs.get("device") or "auto")
+    emb = Embedder.from_pretrained(name, **kwargs)
+    enc = cfg.index.encode
+    return embedder_part_encoders(emb, parts, doc_instruction=cfg.index.doc_instruction, batch_size=enc.batch_size,
+                                  max_length=enc.max_length)
 
 
 def build_indexes(cfg: Any, corpora: dict[str, str], *, embedder: str | None = None) -> dict[str, Path]:
