@@ -134,7 +134,7 @@ class Pipeline:
             models, datasets, self.stage_dir("eval"), data_dir=self.cfg.data_dir,
             instructions=ev.instructions, query_instructions=ev.query_instructions, top_k=ev.top_k,
             batch_size=ev.batch_size, max_length=ev.max_length, bm25=ev.bm25, passkey=ev.passkey,
-            index_type=ev.index_type, keep_indexes=ev.keep_indexes, plot=ev.plot,
+            index_type=ev.index_type, keep_indexes=ev.keep_indexes, plot=ev.plot, hybrid=ev.hybrid,
         )
         table = render_table(results)
         print("\n" + table)

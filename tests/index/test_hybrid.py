@@ -263,3 +263,32 @@ def test_ray_build_builds_the_parts(ray_local, tmp_path):
         got = full.search(QUERIES, 5, methods=methods, rerank="multivector", rerank_top=10)
         want = ref.search(QUERIES, 5, methods=methods, rerank="multivector", rerank_top=10)
         assert [[h["doc_id"] for h in r] for r in got] == [[h["doc_id"] for h in r] for r in want]
+
+
+def test_hybrid_rows_in_the_evaluation_table(emb, tmp_path):
+    from rayembed.evaluate.datasets import RetrievalData
+    from rayembed.evaluate.runner import evaluate_models, render_table
+
+    docs = corpus()
+    queries = {"q1": "wing stall lift", "q2": "bread oven dough", "q3": "chess rook endgame"}
+    qrels = {q: {d["id"]: 1 for d in docs if d["id"].startswith(t)} for q, t in
+             (("q1", "wing"), ("q2", "bread"), ("q3", "chess"))}
+    data = RetrievalData(name="topics", corpus={d["id"]: {"title": "", "text": d["text"]} for d in docs},
+                         queries=queries, qrels=qrels, instruction="Find passages on the topic")
+    hybrid = [{"name": "tiny+bm25 (rrf)", "methods": {"dense": 1, "bm25": 1}},
+              {"name": "bm25 (index part)", "methods": {"bm25": 1}},
+              {"name": "tiny+sparse, mv rerank", "methods": {"dense": 1, "sparse": 1}, "fusion": "weighted_sum",
+               "rerank": "multivector", "rerank_top": 20}]
+    res = evaluate_models({"bm25": "bm25", "tiny": emb}, [data], tmp_path / "eval", hybrid=hybrid, top_k=20,
+                          keep_indexes=True, plot=False)
+    rows = res["metrics"]
+    assert list(rows) == ["bm25", "tiny", "tiny+bm25 (rrf)", "bm25 (index part)", "tiny+sparse, mv rerank"]
+    assert res["models"]["tiny+sparse, mv rerank"]["parts"] == ["dense", "sparse", "multivector"]
+    # The index's bm25 part and the BM25 baseline are one implementation: the same figures.
+    assert rows["bm25 (index part)"]["topics"]["ndcg@10"] == pytest.approx(rows["bm25"]["topics"]["ndcg@10"])
+    assert rows["tiny+bm25 (rrf)"]["topics"]["ndcg@10"] > rows["tiny"]["topics"]["ndcg@10"]
+    # The dense row and the hybrid rows over it share one index: parts were added beside its shards.
+    shared = tmp_path / "eval/indexes/tiny/topics"
+    assert {p.name for p in shared.iterdir()} >= {"shards", "bm25", "sparse", "multivector", "manifest.json"}
+    table = render_table(res)
+    assert "| tiny+bm25 (rrf) |" in table and "| tiny+sparse, mv rerank |" in table

@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         data_dir = resolve_data_dir(cfg.data_dir)
         results = evaluate_models(
             models, ev.datasets, out_dir, data_dir=data_dir, instructions=ev.instructions, top_k=ev.top_k,
-            bm25=ev.bm25, passkey=ev.passkey, plot=ev.plot, keep_indexes=ev.keep_indexes, **common,
+            bm25=ev.bm25, passkey=ev.passkey, plot=ev.plot, keep_indexes=ev.keep_indexes, hybrid=ev.hybrid,
+            **common,
         )
     print(render_table(results), end="")
     print(f"\nWrote {out_dir}/results.json and results.md")

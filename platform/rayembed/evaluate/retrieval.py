@@ -1,8 +1,9 @@
-"""Retrievers under evaluation: a dense embedder searched with FAISS, and BM25 (bm25s).
+"""Retrievers under evaluation: a dense embedder searched with FAISS, BM25 (bm25s), and hybrids.
 
-Both return a TREC-style run ``{query_id: {doc_id: score}}`` that :mod:`.metrics` scores.
-Dense search goes through the platform's indexing code (``rayembed.index``), so evaluation
-measures the same encode-and-search path that ``rayembed index`` and serving use.
+Each returns a TREC-style run ``{query_id: {doc_id: score}}`` that :mod:`.metrics` scores.
+Dense and hybrid search go through the platform's indexing and search code (``rayembed.index``,
+``rayembed.search``), so evaluation measures the same encode-and-search path that
+``rayembed index`` and serving use; BM25 uses the tokenisation of the index's bm25 part.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rayembed.evaluate.datasets import RetrievalData
+from rayembed.index.lexical import BM25Index, BM25Params
 
 logger = logging.getLogger(__name__)
 
@@ -44,55 +46,34 @@ def _to_run(
 class BM25Retriever:
     """Lexical BM25 from ``bm25s`` (Lucene scoring), English stopwords, Snowball stemming.
 
-    The stemmer is PyStemmer's; without it the tokens go unstemmed and a warning says so.
+    The index and its tokenisation are :class:`rayembed.index.lexical.BM25Index`, the same as
+    an index's bm25 part. The stemmer is PyStemmer's; without it the tokens go unstemmed and a
+    warning says so.
     """
 
     name = "bm25"
 
     def __init__(self, k1: float = 1.5, b: float = 0.75, stopwords: str = "en", stemmer: str = "english"):
-        self.k1, self.b = k1, b
-        self.stopwords = None if stopwords in ("none", "", None) else stopwords
-        self.stemmer = None
-        if stemmer not in ("none", "", None):
-            try:
-                import Stemmer
+        self.params = BM25Params(k1=k1, b=b, stopwords=stopwords, stemmer=stemmer)._norm()
+        self.k1, self.b = self.params.k1, self.params.b
+        self.stopwords = self.params.stopwords
 
-                self.stemmer = Stemmer.Stemmer(stemmer)
-            except ImportError:
-                logger.warning("PyStemmer is not installed; BM25 runs unstemmed (pip install PyStemmer).")
+    @property
+    def stemmer(self):
+        from rayembed.index.lexical import make_stemmer
+
+        return make_stemmer(self.params.stemmer)
 
     def describe(self) -> dict:
         return {"type": "bm25", "library": "bm25s", "k1": self.k1, "b": self.b,
                 "stopwords": self.stopwords, "stemmer": type(self.stemmer).__name__ if self.stemmer else None}
 
-    def _tokens(self, texts: list[str]) -> list[list[str]]:
-        import bm25s
-
-        return bm25s.tokenize(
-            texts, stopwords=self.stopwords, stemmer=self.stemmer, return_ids=False, show_progress=False
-        )
-
     def search(self, data: RetrievalData, k: int) -> Run:
-        import bm25s
-
         doc_ids = data.doc_ids()
-        texts = data.doc_texts()
         query_ids = data.judged_query_ids()
-        queries = [data.queries[q] for q in query_ids]
-        if data.symmetric:  # nothing to add for a lexical model; the instruction is for embedders
-            pass
-        retriever = bm25s.BM25(k1=self.k1, b=self.b)
-        retriever.index(self._tokens(texts), show_progress=False)
-        k = min(k, len(doc_ids))
-        q_tokens = self._tokens(queries)
-        idx = np.full((len(queries), k), -1, dtype=np.int64)
-        scores = np.zeros((len(queries), k), dtype=np.float32)
-        nonempty = [i for i, t in enumerate(q_tokens) if t]  # bm25s rejects a query with no tokens left
-        if nonempty:
-            res, sc = retriever.retrieve([q_tokens[i] for i in nonempty], k=k, show_progress=False)
-            idx[nonempty], scores[nonempty] = res, sc
-        # BM25 gives 0 to documents sharing no term with the query: they were not retrieved.
-        idx[scores <= 0] = -1
+        index = BM25Index.build(data.doc_texts(), self.params)
+        # The instruction is for embedders; a lexical model has nothing to add on symmetric data.
+        scores, idx = index.search([data.queries[q] for q in query_ids], min(k, len(doc_ids)))
         return _to_run(query_ids, doc_ids, idx, scores, data.ignore_identical_ids)
 
 
@@ -158,7 +139,30 @@ def _dense_search(retriever: DenseRetriever, doc_ids: list[str], texts: list[str
     ``index_dir`` the index is kept there and a later run with the same corpus and embedder
     reuses it; otherwise it lives in a temporary folder.
     """
-    from rayembed.index import ShardedIndex, build_index_in_process
+    from rayembed.index import ShardedIndex
+
+    with eval_index(retriever, doc_ids, texts, doc_instruction, index_dir) as root:
+        index = ShardedIndex.open(root, expected_embedder=retriever.embedder if index_dir else None)
+        try:
+            scores, gids = index.search(qvecs, min(k, index.ntotal))  # (nq, k) each
+            id_of = [d["doc_id"] for d in index.get_documents(np.arange(index.ntotal))]
+        finally:
+            index.close()
+    hits = [id_of[g] if g >= 0 else "" for g in gids.ravel().tolist()]
+    return scores, hits
+
+
+@contextlib.contextmanager
+def eval_index(retriever: DenseRetriever | None, doc_ids: list[str], texts: list[str], doc_instruction: str | None,
+               index_dir: str | os.PathLike | None = None, *, parts: Sequence[str] = ("dense",),
+               bm25: BM25Params | None = None):
+    """Build (or reuse) the index of one evaluation corpus and yield its folder.
+
+    The same build settings for every caller, so a dense model's index and a hybrid row over
+    the same model share one folder and the hybrid only adds its parts. ``retriever`` None: a
+    BM25-only index.
+    """
+    from rayembed.index import build_index_in_process
     from rayembed.index.corpus import ColumnMapping
 
     docs = [{"id": d, "text": t} for d, t in zip(doc_ids, texts) if t.strip()]
@@ -168,19 +172,89 @@ def _dense_search(retriever: DenseRetriever, doc_ids: list[str], texts: list[str
         root = Path(index_dir) if index_dir else Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="rayembed-eval-")))
         t0 = time.perf_counter()
+        opts = dict(batch_size=retriever.batch_size, max_length=retriever.max_length,
+                    index_type=retriever.index_type, doc_instruction=doc_instruction) if retriever else {}
         build_index_in_process(
-            retriever.embedder, docs, root, index_type=retriever.index_type,
-            batch_size=retriever.batch_size, max_length=retriever.max_length,
-            doc_instruction=doc_instruction, mapping=ColumnMapping(include_title=False),
-            overwrite=index_dir is None,
+            retriever.embedder if retriever else None, docs, root, mapping=ColumnMapping(include_title=False),
+            overwrite=index_dir is None, parts=parts, bm25=bm25, **opts,
         )
         dt = time.perf_counter() - t0
-        logger.info("indexed %d documents in %.1f s (%.1f docs/s)", len(docs), dt, len(docs) / max(dt, 1e-9))
-        index = ShardedIndex.open(root, expected_embedder=retriever.embedder if index_dir else None)
-        try:
-            scores, gids = index.search(qvecs, min(k, index.ntotal))  # (nq, k) each
-            id_of = [d["doc_id"] for d in index.get_documents(np.arange(index.ntotal))]
-        finally:
-            index.close()
-    hits = [id_of[g] if g >= 0 else "" for g in gids.ravel().tolist()]
-    return scores, hits
+        logger.info("indexed %d documents (%s) in %.1f s (%.1f docs/s)", len(docs), "+".join(parts), dt,
+                    len(docs) / max(dt, 1e-9))
+        yield root
+
+
+class HybridRetriever:
+    """One ``eval.hybrid`` row: an embedder's index with extra parts, searched by :class:`HybridSearcher`.
+
+    ``dense``: the :class:`DenseRetriever` of the embedder (None for a BM25-only row); its
+    settings (instruction, batch size, max length, index type) and index folder are shared, so
+    the dense shards are encoded once for the dense row and the hybrid rows over it.
+    Run scores are rank-based (n, n-1, ...): the hybrid's order is what the metrics see.
+    """
+
+    def __init__(self, name: str, methods: dict[str, float], *, dense: DenseRetriever | None = None,
+                 fusion: str = "rrf", rerank: str | None = None, rerank_top: int = 100, candidates: int = 100,
+                 bm25: BM25Params | None = None, index_root: str | os.PathLike | None = None):
+        from rayembed.search.hybrid import METHODS, RERANKERS
+
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise ValueError(f"hybrid {name!r}: methods {dict(methods)} must be one or more of {list(METHODS)}.")
+        if rerank is not None and rerank not in RERANKERS:
+            raise ValueError(f"hybrid {name!r}: unknown reranker {rerank!r}; use one of {list(RERANKERS)}.")
+        if dense is None and (set(methods) - {"bm25"} or rerank):
+            raise ValueError(f"hybrid {name!r} uses {sorted(set(methods) - {'bm25'}) or [rerank]} and needs an "
+                             "embedding model; set its model.")
+        self.name = name
+        self.methods = dict(methods)
+        self.dense = dense
+        self.fusion, self.rerank = fusion, rerank
+        self.rerank_top, self.candidates = rerank_top, candidates
+        self.bm25 = bm25 or BM25Params()
+        self.index_root = index_root
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        parts = set(self.methods) | ({"multivector"} if self.rerank else set())
+        if self.dense is not None:
+            parts.add("dense")
+        from rayembed.index.lexical import check_parts
+
+        return check_parts(sorted(parts))
+
+    def describe(self) -> dict:
+        out = {"type": "hybrid", "methods": self.methods, "fusion": self.fusion, "rerank": self.rerank,
+               "rerank_top": self.rerank_top if self.rerank else None, "candidates": self.candidates,
+               "parts": list(self.parts)}
+        if self.dense is not None:
+            out["dense"] = self.dense.describe()
+        if "bm25" in self.methods:
+            out["bm25"] = self.bm25.to_dict()
+        return out
+
+    def search(self, data: RetrievalData, k: int) -> Run:
+        from rayembed.search.hybrid import HybridSearcher
+
+        doc_ids = data.doc_ids()
+        query_ids = data.judged_query_ids()
+        doc_instruction = data.instruction if data.symmetric else None
+        instruction = data.instruction if (self.dense is not None and self.dense.instruct) else None
+        index_dir = Path(self.index_root) / data.name if self.index_root else None
+        k = min(k, len(doc_ids))
+        with eval_index(self.dense, doc_ids, data.doc_texts(), doc_instruction, index_dir, parts=self.parts,
+                        bm25=self.bm25) as root:
+            searcher = HybridSearcher.open(root, embedder=self.dense.embedder if self.dense else None)
+            try:
+                t0 = time.perf_counter()
+                hits = searcher.search([data.queries[q] for q in query_ids], k, methods=self.methods,
+                                       fusion=self.fusion, instruction=instruction, rerank=self.rerank, rerank_top=self.rerank_top,
+                                       candidates=max(self.candidates, k))
+                logger.info("%s: searched %d queries in %.1f s", self.name, len(query_ids), time.perf_counter() - t0)
+            finally:
+                searcher.close()
+        run: Run = {}
+        for qid, row in zip(query_ids, hits):
+            row = [h for h in row if not (data.ignore_identical_ids and h["doc_id"] == qid)]
+            run[qid] = {h["doc_id"]: float(len(row) - r) for r, h in enumerate(row)}
+        return run

@@ -13,16 +13,22 @@ Example::
     )
     print(render_table(results))
 
+Hybrid rows (``hybrid=[HybridSpec(name="dense+bm25 (rrf)", methods={"dense": 1, "bm25": 1})]``)
+search an embedder's index with several methods fused (see :mod:`rayembed.search`) and appear
+in the same table; they reuse the dense model's index and add only their parts.
+
 The output folder gets ``results.json`` (every metric, dataset facts, machine, date),
 ``per_query.json``, ``results.md`` (the Markdown tables) and ``ndcg.png`` (nDCG@10 per model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from rayembed.config.eval import BM25Config, DatasetSpec, PasskeyConfig
+from rayembed.config.eval import BM25Config, DatasetSpec, HybridSpec, PasskeyConfig
 from rayembed.evaluate.datasets import RetrievalData, STSData, load_dataset
 from rayembed.evaluate.metrics import RETRIEVAL_METRICS, pearson, retrieval_metrics, spearman
-from rayembed.evaluate.retrieval import BM25Retriever, DenseRetriever
+from rayembed.evaluate.retrieval import BM25Retriever, DenseRetriever, HybridRetriever
 from rayembed.io import atomic_path, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -79,7 +85,7 @@ def load_retriever(
     if isinstance(model, str) and model.strip().lower() == BM25:
         b = bm25 or BM25Config()
         return BM25Retriever(k1=b.k1, b=b.b, stopwords=b.stopwords, stemmer=b.stemmer)
-    if isinstance(model, (BM25Retriever, DenseRetriever)):
+    if isinstance(model, (BM25Retriever, DenseRetriever, HybridRetriever)):
         return model
     from rayembed.modeling.embedder import Embedder
 
@@ -135,6 +141,7 @@ def evaluate_models(
     index_type: str = "flat",
     keep_indexes: bool = False,
     plot: bool = True,
+    hybrid: Sequence[HybridSpec | Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model on every dataset; write the results to ``out_dir`` when given.
 
@@ -144,8 +151,44 @@ def evaluate_models(
     ``passkey``: when given and enabled, also runs the passkey test for each model.
     ``keep_indexes``: keep each FAISS index in ``<out_dir>/indexes/<model>/<dataset>`` and reuse
     it when the corpus and embedder are unchanged (default: temporary indexes).
+    ``hybrid``: extra rows, each an embedder's index searched with several methods fused
+    (:class:`~rayembed.config.eval.HybridSpec`); their embedder is ``spec.model`` (a name of
+    ``models``, a folder or a registered name), else the last embedding model of ``models``.
     Returns the dictionary written as ``results.json``.
     """
+    hybrids = [h if isinstance(h, HybridSpec) else HybridSpec(**h) for h in (hybrid or [])]
+    with contextlib.ExitStack() as stack:
+        shared = None
+        if hybrids:  # dense rows and the hybrid rows over them share one index per model and dataset
+            shared = (Path(out_dir) / "indexes" if (keep_indexes and out_dir is not None)
+                      else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rayembed-eval-idx-"))))
+        return _evaluate_models(
+            models, datasets, out_dir, hybrids, shared, data_dir=data_dir, instructions=instructions,
+            query_instructions=query_instructions, top_k=top_k, batch_size=batch_size, max_length=max_length,
+            bm25=bm25, passkey=passkey, device=device, dtype=dtype, index_type=index_type,
+            keep_indexes=keep_indexes, plot=plot)
+
+
+def _hybrid_model(spec: HybridSpec, models: Mapping[str, Any]) -> tuple[str | None, Any]:
+    """(row name or None, model) of the embedder a hybrid row searches with."""
+    if spec.model:
+        return (spec.model, models[spec.model]) if spec.model in models else (None, spec.model)
+    dense = [n for n, m in models.items()
+             if not (isinstance(m, str) and m.strip().lower() == BM25) and not isinstance(m, BM25Retriever)]
+    if not dense:
+        if spec.needs_model:
+            raise ValueError(
+                f"eval.hybrid[{spec.name}] uses {sorted(spec.methods)} and needs an embedding model, but "
+                "eval.models holds none; set eval.hybrid[].model to a saved folder or registered name."
+            )
+        return None, None
+    return dense[-1], models[dense[-1]]
+
+
+def _evaluate_models(models, datasets, out_dir, hybrids: list[HybridSpec], shared: Path | None, *,
+                     data_dir, instructions, query_instructions, top_k, batch_size, max_length, bm25, passkey,
+                     device, dtype, index_type, keep_indexes, plot) -> dict[str, Any]:
+    hybrid_models = {_hybrid_model(h, models)[0] for h in hybrids}
     loaded = [
         d if isinstance(d, (RetrievalData, STSData)) else load_dataset(d, data_dir, dict(instructions or {}))
         for d in datasets
@@ -158,13 +201,19 @@ def evaluate_models(
         "metrics": {},
     }
     per_query: dict[str, dict[str, Any]] = {}
-    for name, model in models.items():
+    common = dict(query_instructions=query_instructions, batch_size=batch_size, max_length=max_length, bm25=bm25,
+                  device=device, dtype=dtype, index_type=index_type)
+    for name, model in [*models.items(), *((h.name, h) for h in hybrids)]:
         t_load = time.perf_counter()
         index_root = Path(out_dir) / "indexes" / name if (keep_indexes and out_dir is not None) else None
-        retriever = load_retriever(name, model, query_instructions=query_instructions, batch_size=batch_size,
-                                   max_length=max_length, bm25=bm25, device=device, dtype=dtype,
-                                   index_type=index_type, index_root=index_root)
-        source = model if isinstance(model, str) else type(model).__name__
+        if shared is not None and name in hybrid_models:
+            index_root = shared / name
+        if isinstance(model, HybridSpec):
+            retriever = _hybrid_retriever(model, models, shared, common)
+            source = "hybrid"
+        else:
+            retriever = load_retriever(name, model, index_root=index_root, **common)
+            source = model if isinstance(model, str) else type(model).__name__
         results["models"][name] = {"source": str(source), **retriever.describe(),
                                    "load_seconds": round(time.perf_counter() - t_load, 2)}
         results["metrics"][name] = {}
@@ -172,7 +221,7 @@ def evaluate_models(
         for data in loaded:
             t0 = time.perf_counter()
             if isinstance(data, STSData):
-                if isinstance(retriever, BM25Retriever):
+                if isinstance(retriever, (BM25Retriever, HybridRetriever)):
                     continue
                 row = evaluate_sts(retriever, data)
             else:
@@ -182,12 +231,29 @@ def evaluate_models(
             row["seconds"] = round(time.perf_counter() - t0, 2)
             results["metrics"][name][data.name] = row
             logger.info("%s on %s: %s", name, data.name, _brief(row))
-        if passkey is not None and passkey.enabled:
+        if passkey is not None and passkey.enabled and not isinstance(retriever, HybridRetriever):
             results.setdefault("passkey", {})[name] = run_passkey_for(retriever, passkey)
         del retriever
     if out_dir is not None:
         write_results(results, out_dir, per_query=per_query, plot=plot)
     return results
+
+
+def _hybrid_retriever(spec: HybridSpec, models: Mapping[str, Any], shared: Path, common: dict[str, Any]
+                      ) -> HybridRetriever:
+    """The retriever of one hybrid row; its index folder is its model's (``shared/<model row>``)."""
+    from rayembed.index.lexical import BM25Params
+
+    row, model = _hybrid_model(spec, models)
+    dense = None
+    if model is not None and spec.needs_model:
+        dense = load_retriever(row or spec.name, model, index_root=None, **common)
+        if not isinstance(dense, DenseRetriever):
+            raise ValueError(f"eval.hybrid[{spec.name}].model must be an embedding model, not {model!r}.")
+    root = shared / (row if (row and dense is not None) else f"{spec.name} (index)")
+    return HybridRetriever(spec.name, spec.methods, dense=dense, fusion=spec.fusion, rerank=spec.rerank,
+                           rerank_top=spec.rerank_top, candidates=spec.candidates,
+                           bm25=BM25Params.from_config(common.get("bm25")), index_root=root)
 
 
 def run_passkey_for(retriever, cfg: PasskeyConfig) -> dict[str, dict]:
