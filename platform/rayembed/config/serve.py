@@ -1,7 +1,8 @@
 """The ``serve`` section: the Ray Serve retrieval endpoint.
 
 Two deployments make up the application (see ``rayembed.serving``): ``QueryEncoder`` runs the
-embedder with request batching, ``Retriever`` is the HTTP ingress and holds the FAISS index.
+embedder with request batching, ``Retriever`` is the HTTP ingress and holds the FAISS index; a
+third, ``LLMRerankerDeployment``, runs the LLM reranker when ``serve.reranker.path`` is set.
 Each has its own resources and autoscaling bounds, so a GPU cluster can scale encoders apart
 from retrievers. The API key is never a config value: only the name of the environment
 variable that holds it, or the path of a file that holds it.
@@ -89,6 +90,34 @@ class RetrieverDeploymentConfig(DeploymentConfig):
 
 
 @dataclass
+class RerankerServeConfig(DeploymentConfig):
+    """The LLM reranker behind ``POST /rerank`` (model "llm"): its own deployment, when a path is set."""
+
+    path: str | None = option(
+        None,
+        "A saved reranker folder (from train.mode=rerank) or a causal LM name (smollm2-135m) to score "
+        "with. Empty: no LLM reranker; /rerank then offers only model=multivector.",
+    )
+    max_length: int | None = option(
+        None, "Prompt length limit in tokens (documents are cut first). Empty: the reranker's own setting."
+    )
+    batch_size: int = option(8, "Prompts scored per forward pass.")
+    max_texts: int = option(100, "Most texts one /rerank request may score.")
+    num_cpus: float = option(1.0, "CPUs reserved per replica (also torch's share of the node).")
+
+    def check(self, name: str) -> None:
+        super().check(name)
+        if self.batch_size < 1:
+            raise ConfigError(f"serve.{name}.batch_size must be >= 1, got {self.batch_size}.")
+        if self.max_texts < 1:
+            raise ConfigError(f"serve.{name}.max_texts must be >= 1, got {self.max_texts}.")
+        if self.max_length is not None and self.max_length < 16:
+            raise ConfigError(f"serve.{name}.max_length must be at least 16 tokens or empty, got {self.max_length}.")
+        if self.path is not None and not str(self.path).strip():
+            raise ConfigError(f"serve.{name}.path is blank; leave it empty (null) or name a reranker folder.")
+
+
+@dataclass
 class ServeConfig:
     """The retrieval endpoint: what it serves, where it listens, its limits and deployments."""
 
@@ -133,6 +162,9 @@ class ServeConfig:
     max_queries_per_request: int = option(64, "Most queries (or /v1/embeddings inputs) per request.")
     max_input_chars: int = option(8192, "Longest accepted query or input, in characters.")
     max_k: int = option(100, "Largest k a /search request may ask for.")
+    max_rerank_top: int = option(
+        1000, "Largest rerank_top a hybrid /search request may ask for (hits re-scored by MaxSim)."
+    )
     default_k: int = option(10, "k when a /search request gives none.")
     max_body_bytes: int = option(1_048_576, "Largest request body, in bytes; larger gets 413.")
     access_log: bool = option(True, "Log one line per request in the replicas (off for benchmarks).")
@@ -149,9 +181,14 @@ class ServeConfig:
     retriever: RetrieverDeploymentConfig = option(
         help="Retriever (HTTP ingress) deployment: resources and autoscaling.", factory=RetrieverDeploymentConfig
     )
+    reranker: RerankerServeConfig = option(
+        help="LLM reranker for POST /rerank (model llm): what it loads, its limits and deployment.",
+        factory=RerankerServeConfig,
+    )
 
     def __post_init__(self) -> None:
-        for key in ("max_batch_size", "max_queries_per_request", "max_input_chars", "max_k", "default_k"):
+        for key in ("max_batch_size", "max_queries_per_request", "max_input_chars", "max_k", "default_k",
+                    "max_rerank_top"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"serve.{key} must be >= 1, got {getattr(self, key)}.")
         if self.default_k > self.max_k:
@@ -178,6 +215,7 @@ class ServeConfig:
                 raise ConfigError(f"serve.{key} must be >= 1 or empty, got {v}.")
         self.encoder.check("encoder")
         self.retriever.check("retriever")
+        self.reranker.check("reranker")
         for name in ("encoder", "retriever"):
             dep = getattr(self, name)
             if name == "encoder" and dep.max_ongoing_requests < self.max_batch_size:

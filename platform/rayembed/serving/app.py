@@ -4,6 +4,13 @@ Request path::
 
     HTTP proxy -> Retriever (FastAPI ingress: auth, validation, FAISS search, id -> text)
                       \\-> QueryEncoder (Embedder, @serve.batch: concurrent queries share a forward pass)
+                      \\-> LLMRerankerDeployment (only with serve.reranker.path: POST /rerank, model llm)
+
+``/search`` without hybrid options is the plain dense search. With ``methods``, ``fusion``,
+``rerank`` or ``rerank_top`` it runs :class:`rayembed.search.HybridSearcher` over every part the
+index holds (dense, BM25, learned sparse; MaxSim over stored token vectors), the queries still
+encoded by the QueryEncoder. ``/rerank`` scores given texts against a query with the LLM
+reranker or with the embedder's multi-vector head.
 
 Two deployments, so encoders (the costly part, on GPUs in production) scale apart from the
 retrievers that hold the index in memory. The index is not a constructor argument but the
@@ -23,6 +30,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,6 +52,8 @@ from rayembed.serving.schemas import (
     Health,
     InvalidRequest,
     ModelList,
+    RerankRequest,
+    RerankResponse,
     SearchRequest,
     SearchResponse,
     check_range,
@@ -56,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 ENCODER_NAME = "QueryEncoder"
 RETRIEVER_NAME = "Retriever"
+RERANKER_NAME = "LLMRerankerDeployment"
 
 
 # ----------------------------------------------------------------------------- replica-local state
@@ -243,8 +254,30 @@ class QueryEncoder:
         tokens = sum(len(ids) for ids in self.emb.tokenize_ids(shown))
         return vecs, tokens
 
+    async def encode_sparse(self, texts: list[str], instruction: str | None = None):
+        """Lexical weights (csr_matrix (n, vocab)) for hybrid search's ``sparse`` method."""
+        return await asyncio.to_thread(self.emb.encode_sparse, texts, instruction=instruction, batch_size=len(texts))
+
+    async def encode_multivector(self, texts: list[str], instruction: str | None = None) -> list[np.ndarray]:
+        """Token vectors per text, for MaxSim reranking over an index's stored token vectors."""
+        return await asyncio.to_thread(
+            self.emb.encode_multivector, texts, instruction=instruction, batch_size=len(texts)
+        )
+
+    async def rerank_multivector(self, query: str, texts: list[str], instruction: str | None = None) -> np.ndarray:
+        """MaxSim scores of ``texts`` against ``query`` (POST /rerank, model multivector)."""
+        from rayembed.search.rerank import rerank_multivector
+
+        return await asyncio.to_thread(rerank_multivector, self.emb, query, texts, instruction=instruction)
+
     def info(self) -> dict[str, Any]:
-        return {"dim": int(self.emb.dim), "identity": self._identity, "embedder": self.embedder_path}
+        return {
+            "dim": int(self.emb.dim),
+            "identity": self._identity,
+            "embedder": self.embedder_path,
+            "has_sparse": bool(getattr(self.emb, "has_sparse", False)),
+            "has_multivector": bool(getattr(self.emb, "has_multivector", False)),
+        }
 
     def stats(self) -> dict[str, Any]:
         return {"replica": _replica_tag(), **self.stats_.snapshot()}
@@ -276,16 +309,87 @@ def _replica_tag() -> str:
         return f"pid-{os.getpid()}"
 
 
+# ----------------------------------------------------------------------------- LLM reranker
+
+
+@serve.deployment(name=RERANKER_NAME)
+class LLMRerankerDeployment:
+    """Loads the LLMReranker of ``serve.reranker.path`` once and scores (query, texts) requests."""
+
+    def __init__(self, path: str, settings: dict) -> None:
+        from rayembed.rerank.llm import LLMReranker
+
+        cfg = _serve_cfg(settings)
+        if cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
+        t0 = time.perf_counter()
+        self.path = path
+        self.batch_size = cfg.reranker.batch_size
+        self.rr = LLMReranker.from_pretrained(path, max_length=cfg.reranker.max_length)
+        logger.info(
+            "LLM reranker ready in %.1f s: %s (base %s, max_length %d, batch_size %d)",
+            time.perf_counter() - t0, path, self.rr.config.base_model, self.rr.config.max_length, self.batch_size,
+        )
+
+    async def score(self, query: str, texts: list[str], instruction: str | None = None) -> np.ndarray:
+        return await asyncio.to_thread(
+            self.rr.score, query, texts, instruction=instruction, batch_size=self.batch_size
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {"path": self.path, "base_model": self.rr.config.base_model, "max_length": self.rr.config.max_length}
+
+
 # ----------------------------------------------------------------------------- Retriever
 
 
-class _Loaded:
-    """One opened index and its id -> text store; swapped as a whole by ``reconfigure``."""
+class _EncoderClient:
+    """The QueryEncoder deployment in the shape of the Embedder that HybridSearcher calls.
 
-    def __init__(self, index, index_dir: str) -> None:
-        self.index = index
+    HybridSearcher is synchronous, so it runs in a worker thread of the Retriever; from there
+    each call blocks on the QueryEncoder's answer (never on the replica's event loop). Query
+    vectors thus come from the same batched encoder as the plain dense search.
+    """
+
+    def __init__(self, handle, info: dict[str, Any]) -> None:
+        self._handle = handle
+        self._info = info
+
+    @property
+    def has_sparse(self) -> bool:
+        return bool(self._info.get("has_sparse"))
+
+    @property
+    def has_multivector(self) -> bool:
+        return bool(self._info.get("has_multivector"))
+
+    def identity(self) -> dict[str, Any]:
+        return self._info["identity"]
+
+    def encode(self, texts, instruction: str | None = None, **_: Any) -> np.ndarray:
+        return self._handle.encode.remote(list(texts), instruction).result()
+
+    def encode_sparse(self, texts, instruction: str | None = None, **_: Any):
+        return self._handle.encode_sparse.remote(list(texts), instruction).result()
+
+    def encode_multivector(self, texts, instruction: str | None = None, **_: Any) -> list[np.ndarray]:
+        return self._handle.encode_multivector.remote(list(texts), instruction).result()
+
+
+class _Loaded:
+    """One opened index (all its parts) and its id -> text store; swapped as a whole by ``reconfigure``.
+
+    ``index`` is the dense ShardedIndex the plain search uses; ``searcher`` the HybridSearcher
+    over the same opened shards plus the index's BM25, sparse and multi-vector parts.
+    """
+
+    def __init__(self, searcher, index_dir: str) -> None:
+        self.searcher = searcher
+        self.index = searcher.dense
         self.index_dir = index_dir
-        self.version = str(index.version)
+        self.version = str(self.index.version)
 
 
 class StatsResponse(BaseModel):
@@ -301,9 +405,10 @@ class Retriever:
     ``user_config = {"index_dir": ...}`` names the index; changing it swaps indexes live.
     """
 
-    def __init__(self, encoder, settings: dict, model_name: str) -> None:
+    def __init__(self, encoder, settings: dict, model_name: str, reranker=None) -> None:
         self.cfg = _serve_cfg(settings)
         self.encoder = encoder
+        self.reranker = reranker
         self.model_name = model_name
         self._loaded: _Loaded | None = None
         self._swap_lock = asyncio.Lock()
@@ -364,20 +469,30 @@ class Retriever:
         warn_if_exposed(http.host, None, self.cfg.api_key_env)
 
     def _open(self, index_dir: str, encoder_info: dict[str, Any]) -> _Loaded:
-        from rayembed.index import ShardedIndex
+        from rayembed.search.hybrid import HybridSearcher
 
-        index = ShardedIndex.open(
-            index_dir,
-            verify=self.cfg.verify_index,
-            expected_embedder=encoder_info["identity"] if self.cfg.verify_index else None,
+        client = _EncoderClient(self.encoder, encoder_info)
+        searcher = HybridSearcher.open(
+            index_dir, embedder=client if self.cfg.verify_index else None, verify=self.cfg.verify_index
         )
+        if searcher.dense is None:
+            raise ValueError(
+                f"Index {index_dir} is BM25-only (no dense vectors); the endpoint serves indexes with a dense "
+                "part. Rebuild it with index.parts including dense."
+            )
+        if not self.cfg.verify_index:  # queries still go through the QueryEncoder
+            searcher = HybridSearcher(
+                searcher.root, searcher.manifest, dense=searcher.dense, docs=searcher.docs, bm25=searcher.bm25,
+                sparse=searcher.sparse, multivector=searcher.multivector, embedder=client,
+            )
+        index = searcher.dense
         if int(index.dim) != int(encoder_info["dim"]):
             raise ValueError(
                 f"Index {index_dir} holds {index.dim}-d vectors but the QueryEncoder's embedder "
                 f"({encoder_info['embedder']}) makes {encoder_info['dim']}-d ones. Serve the index with "
                 "the embedder it was built with."
             )
-        return _Loaded(index, index_dir)
+        return _Loaded(searcher, index_dir)
 
     def check_health(self) -> None:
         if self._loaded is None:
@@ -414,6 +529,8 @@ class Retriever:
         loaded = self._loaded  # one index for the whole request, even if a swap lands meanwhile
         if loaded is None:
             raise InvalidRequest("index", "No index is loaded yet; retry shortly.", status=503, code="not_ready")
+        if req.is_hybrid:
+            return await self._hybrid_search(req, queries, k, instruction, loaded)
         qvecs = await self.encoder.encode.remote(queries, instruction)  # (n, D)
         scores, ids = loaded.index.search(qvecs, k, nprobe=req.nprobe, ef_search=req.ef_search)  # (n, k)
         results = []
@@ -432,6 +549,116 @@ class Retriever:
         return JSONResponse(
             {"results": results, "k": k, "model": self.model_name, "index_version": loaded.version}
         )
+
+    def _hybrid_options(self, req: SearchRequest, loaded: _Loaded) -> tuple[dict[str, float], str, str | None, int]:
+        """Checked (methods, fusion, rerank, rerank_top), each error naming its field."""
+        searcher = loaded.searcher
+        have = searcher.available_methods
+        for name in ("nprobe", "ef_search"):
+            if getattr(req, name) is not None:
+                raise InvalidRequest(
+                    name,
+                    f"{name} tunes the plain dense search; it cannot be combined with methods, fusion, rerank or "
+                    "rerank_top. Drop one or the other.",
+                )
+        if req.methods is None:
+            methods = dict(searcher.default_methods)
+        else:
+            if not req.methods:
+                raise InvalidRequest(
+                    "methods", f"methods is empty; give at least one of {have} with a weight, e.g. {{\"dense\": 1}}."
+                )
+            methods = {}
+            for name, weight in req.methods.items():
+                if name not in have:
+                    known = "is not a retrieval method" if name not in ("dense", "bm25", "sparse") else (
+                        "is not in the served index")
+                    raise InvalidRequest(
+                        f"methods.{name}",
+                        f"methods.{name}: '{name}' {known}; this index offers {have}"
+                        + (" (multivector reranks: send rerank=\"multivector\")" if name == "multivector" else "")
+                        + ".",
+                    )
+                if not np.isfinite(weight) or weight < 0:
+                    raise InvalidRequest(f"methods.{name}", f"methods.{name}={weight} must be a finite number >= 0.")
+                methods[name] = float(weight)
+            if not any(methods.values()):
+                raise InvalidRequest("methods", "methods gives every method weight 0; give one a positive weight.")
+        fusion = "weighted_sum" if req.fusion in ("weighted", "weighted_sum") else "rrf"
+        if req.rerank is not None and "multivector" not in searcher.available_rerankers:
+            raise InvalidRequest(
+                "rerank",
+                "rerank=\"multivector\" needs the index's multivector part (token vectors), which this index "
+                "lacks; rebuild it with index.parts including multivector, or omit rerank.",
+            )
+        if req.rerank_top is not None and req.rerank is None:
+            raise InvalidRequest("rerank_top", "rerank_top applies only with rerank=\"multivector\"; set rerank or drop it.")
+        check_range(req.rerank_top, "rerank_top", 1, self.cfg.max_rerank_top)
+        rerank_top = min(100, self.cfg.max_rerank_top) if req.rerank_top is None else req.rerank_top
+        return methods, fusion, req.rerank, rerank_top
+
+    async def _hybrid_search(self, req: SearchRequest, queries: list[str], k: int, instruction: str | None,
+                             loaded: _Loaded) -> JSONResponse:
+        methods, fusion, rerank, rerank_top = self._hybrid_options(req, loaded)
+        try:
+            hits = await asyncio.to_thread(
+                loaded.searcher.search, queries, k, methods=methods, fusion=fusion, instruction=instruction,
+                rerank=rerank, rerank_top=rerank_top, candidates=max(100, k),
+            )
+        except ValueError as e:  # an option the index cannot serve, caught by the library itself
+            raise InvalidRequest("methods", str(e)) from e
+        results = [
+            {
+                "query": query,
+                "ids": [str(h["doc_id"]) for h in row],
+                "scores": [float(h["score"]) for h in row],
+                "texts": [h.get("text") or "" for h in row],
+                "titles": [h.get("title") or "" for h in row],
+                "method_scores": [{m: float(v) for m, v in (h.get("scores") or {}).items()} for h in row],
+            }
+            for query, row in zip(queries, hits)
+        ]
+        return JSONResponse(
+            {
+                "results": results, "k": k, "model": self.model_name, "index_version": loaded.version,
+                "methods": methods, "fusion": fusion, "rerank": rerank,
+            }
+        )
+
+    @api.post("/rerank", response_model=RerankResponse, summary="Score texts against a query (TEI-like).")
+    async def rerank(self, req: RerankRequest):
+        from rayembed.rerank import rank_results
+
+        cfg = self.cfg
+        query = check_texts(req.query, "query", max_items=1, max_chars=cfg.max_input_chars)[0]
+        texts = check_texts(req.texts, "texts", max_items=cfg.reranker.max_texts, max_chars=cfg.max_input_chars)
+        check_range(req.top_n, "top_n", 1)
+        if req.instruction is not None and len(req.instruction) > cfg.max_input_chars:
+            raise InvalidRequest("instruction", f"instruction is longer than {cfg.max_input_chars} characters.")
+        model = req.model or ("llm" if self.reranker is not None else "multivector")
+        instruction = req.instruction or None
+        if model == "multivector" and req.instruction is None:
+            instruction = cfg.default_instruction  # the query is encoded as /search encodes it
+        if model == "llm":
+            if self.reranker is None:
+                raise InvalidRequest(
+                    "model",
+                    "model=\"llm\" needs an LLM reranker, and this endpoint has none: set serve.reranker.path "
+                    "to a saved reranker folder (train.mode=rerank) and restart it, or send model=\"multivector\".",
+                )
+            scores = await self.reranker.score.remote(query, texts, instruction)
+        else:
+            if self._encoder_info is None:
+                self._encoder_info = await self.encoder.info.remote()
+            if not self._encoder_info.get("has_multivector"):
+                raise InvalidRequest(
+                    "model",
+                    f"model=\"multivector\" needs the served embedder's multi-vector head, and "
+                    f"'{self.model_name}' has none: train it with model.heads.multivector=true, or send "
+                    "model=\"llm\" with serve.reranker.path set.",
+                )
+            scores = await self.encoder.rerank_multivector.remote(query, texts, instruction)
+        return JSONResponse({"results": rank_results(scores, req.top_n), "model": model})
 
     @api.post("/v1/embeddings", response_model=EmbeddingsResponse, summary="OpenAI-compatible embeddings.")
     async def embeddings(self, req: EmbeddingsRequest):
@@ -565,6 +792,26 @@ def build_app_from_config(cfg, *, index_dir: str | os.PathLike | None = None, em
     settings = to_dict(s)
     settings.update(index_dir=None, embedder=None)
     encoder = QueryEncoder.options(**s.encoder.serve_options()).bind(emb, settings)
+    reranker = None
+    if s.reranker.path:
+        reranker = LLMRerankerDeployment.options(**s.reranker.serve_options()).bind(
+            resolve_reranker(s.reranker.path), settings
+        )
     return Retriever.options(**s.retriever.serve_options(), user_config={"index_dir": str(idx_dir)}).bind(
-        encoder, settings, model_name
+        encoder, settings, model_name, reranker
+    )
+
+
+def resolve_reranker(path: str) -> str:
+    """serve.reranker.path as an absolute folder, or a causal LM name as given; a missing folder fails here."""
+    from rayembed.modeling import backbones
+
+    p = Path(path).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    if path in backbones.registered_names() or re.fullmatch(r"[A-Za-z0-9_][\w.-]*(/[\w.-]+)?", path):
+        return path  # a registered name or a hub id (org/name)
+    raise FileNotFoundError(
+        f"serve.reranker.path={path!r} does not exist; point it at a saved reranker folder "
+        "(train.mode=rerank writes <train.output_dir>/model) or leave it empty."
     )

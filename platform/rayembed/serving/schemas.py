@@ -46,14 +46,42 @@ class SearchRequest(BaseModel):
     )
     nprobe: StrictInt | None = Field(None, description="IVF lists to visit (IVF indexes only; more: slower, better).")
     ef_search: StrictInt | None = Field(None, description="HNSW search breadth (HNSW indexes only).")
+    methods: dict[StrictStr, float] | None = Field(
+        None,
+        description="Hybrid search: retrieval methods and their weights, e.g. {\"dense\": 1.0, \"bm25\": 0.5}, "
+        "from the parts the index holds (dense, bm25, sparse). Omit for plain dense search.",
+        examples=[{"dense": 1.0, "bm25": 0.5}],
+    )
+    fusion: Literal["rrf", "weighted", "weighted_sum"] | None = Field(
+        None,
+        description="How several methods' lists merge: rrf (weighted reciprocal rank fusion, the default) or "
+        "weighted (min-max normalised scores, weighted and summed).",
+    )
+    rerank: Literal["multivector"] | None = Field(
+        None, description="Re-score the fused top rerank_top with MaxSim over the index's stored token vectors."
+    )
+    rerank_top: StrictInt | None = Field(
+        None, description="How many fused hits the reranker re-scores (1..serve.max_rerank_top, default 100)."
+    )
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether any hybrid option is set; without them /search is the plain dense search."""
+        return any(v is not None for v in (self.methods, self.fusion, self.rerank, self.rerank_top))
 
 
 class QueryResult(BaseModel):
     query: str
     ids: list[str] = Field(description="Document ids, best first.")
-    scores: list[float] = Field(description="Similarity scores (inner product of normalised vectors).")
+    scores: list[float] = Field(
+        description="Similarity scores (inner product of normalised vectors); with hybrid options, the fused "
+        "score, or the MaxSim score of reranked hits."
+    )
     texts: list[str]
     titles: list[str]
+    method_scores: list[dict[str, float]] | None = Field(
+        None, description="Hybrid search only: each hit's raw score per method that found it (and multivector)."
+    )
 
 
 class SearchResponse(BaseModel):
@@ -61,6 +89,39 @@ class SearchResponse(BaseModel):
     k: int
     model: str
     index_version: str
+    methods: dict[str, float] | None = Field(None, description="Hybrid search only: the methods and weights used.")
+    fusion: str | None = Field(None, description="Hybrid search only: the fusion used.")
+    rerank: str | None = Field(None, description="Hybrid search only: the reranker used, if any.")
+
+
+class RerankRequest(BaseModel):
+    """``POST /rerank`` (TEI-like): score given texts against one query."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    query: StrictStr = Field(description="The query.", examples=["what do bees make"])
+    texts: list[StrictStr] = Field(
+        description="Texts to score (1..serve.reranker.max_texts).", examples=[["Bees make honey.", "Paris is in France."]]
+    )
+    model: Literal["multivector", "llm"] | None = Field(
+        None,
+        description="llm: the LLM reranker of serve.reranker.path (logit yes - logit no). multivector: MaxSim "
+        "with the served embedder's multi-vector head. Default: llm when configured, else multivector.",
+    )
+    top_n: StrictInt | None = Field(None, description="Return only the best top_n texts (default: all).")
+    instruction: StrictStr | None = Field(
+        None, description="Task instruction: a line of the LLM prompt, or the query instruction for multivector."
+    )
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="Position of the text in the request's texts.")
+    score: float = Field(description="Relevance score; higher is more relevant.")
+
+
+class RerankResponse(BaseModel):
+    results: list[RerankResult] = Field(description="Sorted by score, highest first.")
+    model: str = Field(description="The reranker used: llm or multivector.")
 
 
 class EmbeddingsRequest(BaseModel):
@@ -174,7 +235,7 @@ def validation_error_to_body(errors: list[dict]) -> tuple[str, dict]:
         elif e.get("type") == "extra_forbidden":
             msg = "unknown field; check its spelling"
         elif e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
-            msg = "the body must be a JSON object"
+            msg = "the body must be a JSON object" if param == "body" else "must be a JSON object"
         parts.append(f"{param}: {msg}")
     message = "Invalid request: " + "; ".join(dict.fromkeys(parts)) + "."
     return params[0], error_body(message, params[0], str(first.get("type", "invalid_value")))

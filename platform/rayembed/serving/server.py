@@ -35,8 +35,13 @@ def app_args(cfg, index_dir: str | os.PathLike, embedder: str) -> dict[str, Any]
     """``args`` for :func:`rayembed.serving.app.build_app`: only what serving needs, no secrets."""
     from rayembed.config import to_dict
 
+    serve_settings = to_dict(cfg.serve)
+    reranker = serve_settings.get("reranker") or {}
+    if reranker.get("path") and Path(reranker["path"]).expanduser().exists():
+        # Replicas may run elsewhere, in another working directory: pass an absolute folder.
+        reranker["path"] = str(Path(reranker["path"]).expanduser().resolve())
     return {
-        "settings": {"run_dir": cfg.run_dir, "serve": to_dict(cfg.serve)},
+        "settings": {"run_dir": cfg.run_dir, "serve": serve_settings},
         "index_dir": str(index_dir),
         "embedder": str(embedder),
     }
