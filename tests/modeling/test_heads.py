@@ -11,14 +11,23 @@ import torch
 from rayembed.config import ConfigError, load_config
 from rayembed.config.model import LoRAConfig
 from rayembed.modeling.embedder import CONFIG_NAME, Embedder
-from rayembed.modeling.heads import HEADS_FILE, maxsim, maxsim_torch, sparse_scores, sparse_scores_torch
+from rayembed.modeling.heads import (
+    HEADS_FILE,
+    SparseHead,
+    maxsim,
+    maxsim_torch,
+    sparse_scores,
+    sparse_scores_torch,
+)
 
 TEXTS = ["abcab", "the wing and the wing", "", "lift comes from pressure differences"]
 
 
 def _with_heads(**kw) -> Embedder:
     emb = Embedder.from_pretrained("tiny-llama", sparse=True, multivector=True, multivector_dim=16, **kw)
-    with torch.no_grad():  # a positive bias gives every token (special ones too) a weight to leave out
+    with torch.no_grad():  # weights that differ per token; the bias keeps all of them (special too) positive
+        w = emb.sparse_head.linear.weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
         emb.sparse_head.linear.bias.fill_(2.0)
     return emb
 
@@ -58,6 +67,14 @@ def test_sparse_weights_are_the_max_relu_linear_per_token_id(emb):
     # Repeated tokens count once, at their best position ("abcab": a and b twice).
     ids = emb.tokenize_ids([TEXTS[0]])[0]
     assert got.getrow(0).nnz == len(set(ids) - special)
+
+
+def test_a_new_sparse_head_starts_with_every_token_alive():
+    emb = Embedder.from_pretrained("tiny-llama", sparse=True)
+    got = emb.encode_sparse(["the wing and the wing"])
+    ids = set(emb.tokenize_ids(["the wing and the wing"])[0]) - emb.special_token_ids
+    assert set(got.indices.tolist()) == ids
+    np.testing.assert_allclose(got.data, SparseHead.INIT_BIAS)
 
 
 def test_multivector_rows_are_normalised_linear_of_real_tokens(emb):

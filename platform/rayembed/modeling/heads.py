@@ -45,11 +45,21 @@ def _seeded_linear(in_features: int, out_features: int, seed: int) -> torch.nn.L
 
 
 class SparseHead(torch.nn.Module):
-    """Per-token lexical weight: ``relu(Linear(hidden_size -> 1)(h))``."""
+    """Per-token lexical weight: ``relu(Linear(hidden_size -> 1)(h))``.
+
+    A new head starts with zero weights and a small positive bias: every token is alive (a ReLU
+    that is negative for all tokens never receives a gradient) and weighs the same, so the
+    first scores count shared tokens, and training moves on from plain lexical overlap.
+    """
+
+    INIT_BIAS = 0.1
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.linear = _seeded_linear(hidden_size, 1, seed=1)
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.bias.fill_(self.INIT_BIAS)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, L, H) -> (B, L) float32 weights, >= 0."""
