@@ -122,3 +122,29 @@ def test_head_options_that_cannot_work_are_refused():
         MNTPTask(_cfg("train.mode=mntp"), torch.device("cpu"))
     with pytest.raises(ConfigError, match="train.heads_loss_weights.sparse must be >= 0"):
         _cfg("train.heads_loss_weights.sparse=-1")
+
+
+def test_gathered_dense_scores_keep_their_offset_and_distil_on_local_columns():
+    """Two workers: dense scores span every worker's documents, the token heads only this one's."""
+    from rayembed.losses import multi_head_info_nce
+
+    g = torch.Generator().manual_seed(0)
+    b, m, offset = 3, 5, 5  # this worker is rank 1 of 2, five documents each
+    dense = torch.randn(b, 2 * m, generator=g)
+    sparse = torch.randn(b, m, generator=g)
+    w = {"dense": 1.0, "sparse": 0.3}
+    loss, parts = multi_head_info_nce(
+        {"dense": dense, "sparse": sparse}, w, tau=0.5, offsets={"dense": offset}, num_local=m,
+        self_distill=True, self_distill_weight=2.0,
+    )
+    ce = torch.nn.functional.cross_entropy
+    want_dense = ce(dense / 0.5, torch.arange(b) + offset)
+    want_sparse = ce(sparse / 0.5, torch.arange(b))
+    local = {"dense": dense[:, offset:] / 0.5, "sparse": sparse / 0.5}
+    teacher = torch.softmax(local["dense"] + 0.3 * local["sparse"], dim=-1)
+    distill = {h: -(teacher * torch.log_softmax(x, dim=-1)).sum(-1).mean() for h, x in local.items()}
+    want = want_dense + 0.3 * want_sparse + 2.0 * (distill["dense"] + 0.3 * distill["sparse"])
+    torch.testing.assert_close(parts["dense"], want_dense)
+    torch.testing.assert_close(loss, want)
+    with pytest.raises(ValueError, match="no weight for"):
+        multi_head_info_nce({"dense": dense, "colbert": sparse}, w, tau=0.5)
