@@ -111,6 +111,32 @@ def _per_method(searcher, query: str, method: str) -> list[tuple[str, float]]:
     return [(h["doc_id"], h["score"]) for h in hits]
 
 
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("serve.reranker.batch_size=0", "serve.reranker.batch_size must be >= 1"),
+        ("serve.reranker.max_texts=0", "serve.reranker.max_texts must be >= 1"),
+        ("serve.reranker.max_length=4", "serve.reranker.max_length must be at least 16"),
+        ("serve.reranker.num_cpus=0", "serve.reranker reserves no CPU"),
+        ("serve.max_rerank_top=0", "serve.max_rerank_top must be >= 1"),
+    ],
+)
+def test_bad_reranker_config(override, match):
+    from rayembed.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_missing_reranker_folder_fails_before_deploying(tmp_path):
+    from rayembed.serving.app import resolve_reranker
+
+    assert resolve_reranker(str(tmp_path)) == str(tmp_path.resolve())
+    assert resolve_reranker("smollm2-135m") == "smollm2-135m"
+    with pytest.raises(FileNotFoundError, match="serve.reranker.path"):
+        resolve_reranker(str(tmp_path / "runs" / "x" / "model"))
+
+
 def test_plain_search_is_unchanged(client, searcher):
     body = client.post("/search", json={"query": QUERIES, "k": 5}).json()
     assert "methods" not in body and "fusion" not in body
@@ -229,7 +255,10 @@ def test_openapi_lists_rerank(client):
 # The shared endpoint of conftest: dense-only index, embedder without heads, no LLM reranker.
 
 
-def test_endpoint_without_reranker_or_parts_names_what_is_missing(http):
+def test_endpoint_without_reranker_or_parts_names_what_is_missing(http, endpoint):
+    import httpx
+
+    assert httpx.post(endpoint["url"] + "/rerank", json={"query": "x", "texts": ["a"]}).status_code == 401
     r = http.post("/rerank", json={"query": "x", "texts": ["a", "b"], "model": "llm"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     assert "serve.reranker.path" in r.json()["error"]["message"]

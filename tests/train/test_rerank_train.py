@@ -146,3 +146,11 @@ def test_rerank_mode_needs_negatives_and_refuses_embedder_options():
         task.prompts(batch)
     with pytest.raises(ValueError, match="chunk_size"):
         RerankTask(_cfg("train.chunk_size=2"), torch.device("cpu"))
+
+
+def test_rerank_mode_streams_hard_negatives(tmp_path):
+    """The trainer asks the stream for train.num_negatives negatives in rerank mode, as in contrastive."""
+    from rayembed.train.trainer import stream_spec
+
+    assert stream_spec(_cfg("train.num_negatives=3"), [str(tmp_path)]).num_negatives == 3
+    assert stream_spec(_cfg("train.mode=mntp"), [str(tmp_path)]).num_negatives == 0
