@@ -120,6 +120,30 @@ def test_lora_adapter_saves_alone_or_merged(tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_lora_top_layers_adapts_only_the_top_and_round_trips(tmp_path):
+    from rayembed.config.model import LoRAConfig
+
+    emb = Embedder.from_pretrained("tiny-llama", lora=LoRAConfig(r=4, alpha=8, dropout=0.0, top_layers=1))
+    n_layers = emb.model.config.num_hidden_layers
+    trainable = [n for n, p in emb.named_parameters() if p.requires_grad]
+    assert trainable and all(f"layers.{n_layers - 1}." in n for n in trainable)
+    # every linear module of the top layer is adapted, as all-linear would
+    assert {n.split(".")[-4] for n in trainable} >= {"q_proj", "k_proj", "v_proj", "o_proj", "down_proj"}
+    with torch.no_grad():
+        for n, p in emb.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    want = emb.encode(TEXTS)
+    emb.save_pretrained(tmp_path / "adapter")
+    np.testing.assert_allclose(Embedder.from_pretrained(tmp_path / "adapter").encode(TEXTS), want, atol=1e-5)
+    # the top layer's adapter trains
+    batch = emb.tokenize(TEXTS)
+    emb(batch["input_ids"], batch["attention_mask"]).sum().backward()
+    assert all(p.grad is not None for n, p in emb.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="top_layers"):
+        Embedder.from_pretrained("tiny-llama", lora=LoRAConfig(r=4, top_layers=n_layers + 1))
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral", "tiny-qwen2"])
 def test_bidirectional_changes_outputs(name):
     causal = Embedder.from_pretrained(name, pooling="mean")

@@ -22,8 +22,15 @@ class LoRAConfig:
         help="Module names to adapt. ['all-linear'] adapts every linear layer but the output head.",
         factory=lambda: ["all-linear"],
     )
+    top_layers: int | None = option(
+        None,
+        "Adapt only the top N transformer layers (null: all). Backward then stops below them: "
+        "on CPU a step costs about half as much, at some quality cost.",
+    )
 
     def __post_init__(self) -> None:
+        if self.top_layers is not None and self.top_layers <= 0:
+            raise ConfigError(f"model.lora.top_layers must be a positive layer count or null, got {self.top_layers}.")
         if self.r <= 0:
             raise ConfigError(f"model.lora.r must be a positive rank, got {self.r}; the paper uses 16.")
         if not 0.0 <= self.dropout < 1.0:

@@ -457,7 +457,19 @@ class Embedder(torch.nn.Module):
         targets: Any = lora.target_modules
         if list(targets) == ["all-linear"]:
             targets = "all-linear"
-        peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+        layer_kw: dict[str, Any] = {}
+        if lora.top_layers:
+            pattern, n_layers, linear_names = _decoder_layers(self.model)
+            if lora.top_layers > n_layers:
+                raise ValueError(
+                    f"model.lora.top_layers={lora.top_layers}, but {self.config.base_model} has {n_layers} layers."
+                )
+            if targets == "all-linear":  # peft takes a layer subset only with named modules
+                targets = linear_names
+            layer_kw = {"layers_to_transform": list(range(n_layers - lora.top_layers, n_layers)),
+                        "layers_pattern": pattern}
+        peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                              **layer_kw)
         self.model = get_peft_model(self.model, peft_cfg)
         self.config.weights = "lora"
         if self.config.attention == "bidirectional":
@@ -710,6 +722,18 @@ class Embedder(torch.nn.Module):
                 h.update(tensor.numpy().tobytes())
             ident["weights_sha256"] = h.hexdigest()
         return ident
+
+
+def _decoder_layers(model: torch.nn.Module) -> tuple[str, int, list[str]]:
+    """The stack of transformer layers: its attribute name (``layers``, ``h``, ``layer``), its
+    depth, and the names of the linear modules inside one layer (what ``all-linear`` means)."""
+    stacks = [(name, mod) for name, mod in model.named_modules()
+              if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0]
+    if not stacks:
+        raise ValueError("model.lora.top_layers needs a model with a list of transformer layers; none found.")
+    name, layers = max(stacks, key=lambda x: len(x[1]))
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)})
+    return name.rsplit(".", 1)[-1], len(layers), linear
 
 
 # ----------------------------------------------------------------------------- loaders
