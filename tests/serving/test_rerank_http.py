@@ -43,6 +43,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads; on a shared, loaded machine they spin and stall."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """An embedder with both heads, an index with all four parts, and a saved LLM reranker."""
@@ -75,6 +86,7 @@ def hybrid_url(ray_local, assets):
             f"serve.port={_free_port()}", f"serve.app_name={APP}", f"serve.route_prefix={PREFIX}",
             "serve.max_k=20", "serve.max_rerank_top=50", "serve.max_input_chars=300",
             "serve.encoder.num_cpus=0.5", "serve.access_log=false", "serve.batch_wait_timeout_s=0.01",
+            "serve.torch_threads=1",
             f"serve.reranker.path={assets['reranker']}", "serve.reranker.num_cpus=0.5",
             "serve.reranker.batch_size=4", "serve.reranker.max_texts=8",
         ],

@@ -13,10 +13,19 @@ from rayembed.rerank.llm import LLMReranker, resolve_answer_tokens
 from rayembed.train.engine import DDPEngine
 
 TOPICS = ["volcanoes", "violins", "glaciers", "compilers"]
-QUERIES = [f"tell me about {t}" for t in TOPICS]
-POSITIVES = [f"{t} are described in this passage about {t}" for t in TOPICS]
-NEGATIVES = [f"{TOPICS[(i + 1) % 4]} are described in this passage about {TOPICS[(i + 1) % 4]}" for i in range(4)]
-INSTRUCTION = "Given a topic, find passages about it"
+QUERIES = [f"about {t}" for t in TOPICS]
+POSITIVES = [f"{t} and more {t}" for t in TOPICS]
+NEGATIVES = [f"{TOPICS[(i + 1) % 4]} and more {TOPICS[(i + 1) % 4]}" for i in range(4)]
+INSTRUCTION = "Find the topic"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """A 2-layer model gains nothing from threads; on a shared, loaded machine they spin and stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +140,17 @@ def test_rerank_task_learns_and_exports(tmp_path):
     task.reranker.eval()
     docs = POSITIVES + NEGATIVES
     np.testing.assert_array_equal(loaded.score(QUERIES[1], docs), task.reranker.score(QUERIES[1], docs))
-    merged = LLMReranker.from_pretrained(task.export(tmp_path / "merged", merge_lora=True))
+    merged_dir = task.export(tmp_path / "merged", merge_lora=True)
+    merged = LLMReranker.from_pretrained(merged_dir)
     assert merged.config.weights == "full"
     np.testing.assert_allclose(merged.score(QUERIES[1], docs), loaded.score(QUERIES[1], docs), atol=1e-4)
+
+    # Training continues from the merged folder (a new adapter names it as its base), not from an adapter.
+    again = RerankTask(_cfg(f"model.name_or_path={merged_dir}"), torch.device("cpu"))
+    assert again.reranker.config.base_model == str(merged_dir.resolve())
+    assert again.prompts(batch)[0] == prompts
+    with pytest.raises(ValueError, match="LoRA reranker"):
+        RerankTask(_cfg(f"model.name_or_path={out}"), torch.device("cpu"))
 
 
 def test_rerank_mode_needs_negatives_and_refuses_embedder_options():

@@ -328,15 +328,20 @@ class LLMRerankerDeployment:
         self.path = path
         self.batch_size = cfg.reranker.batch_size
         self.rr = LLMReranker.from_pretrained(path, max_length=cfg.reranker.max_length)
+        self._lock = asyncio.Lock()
         logger.info(
             "LLM reranker ready in %.1f s: %s (base %s, max_length %d, batch_size %d)",
             time.perf_counter() - t0, path, self.rr.config.base_model, self.rr.config.max_length, self.batch_size,
         )
 
     async def score(self, query: str, texts: list[str], instruction: str | None = None) -> np.ndarray:
-        return await asyncio.to_thread(
-            self.rr.score, query, texts, instruction=instruction, batch_size=self.batch_size
-        )
+        # One request scores at a time: torch already uses every thread of the replica, and
+        # concurrent forward passes would only compete for them. Queued requests count as
+        # ongoing, which is what autoscaling adds replicas on.
+        async with self._lock:
+            return await asyncio.to_thread(
+                self.rr.score, query, texts, instruction=instruction, batch_size=self.batch_size
+            )
 
     def info(self) -> dict[str, Any]:
         return {"path": self.path, "base_model": self.rr.config.base_model, "max_length": self.rr.config.max_length}

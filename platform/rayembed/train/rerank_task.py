@@ -14,10 +14,10 @@ back to text, takes a row's instruction out of the query template the stream app
 and serving prompts are therefore the same by construction (instruction line, template,
 truncation that keeps the answer cue). The joint prompt's length is ``model.max_length``.
 
-Settings used: ``model.*`` (the causal LM, LoRA, max_length), ``train.num_negatives`` (hard
-negatives per query, at least 1), and the usual optimiser settings. GradCache
-(``train.chunk_size``) and training evaluation (``train.eval_every``) are for embedders and are
-refused here.
+Settings used: ``model.*`` (the causal LM, or a full-weight reranker folder to continue from;
+LoRA; max_length), ``train.num_negatives`` (hard negatives per query, at least 1), and the usual
+optimiser settings. GradCache (``train.chunk_size``) and training evaluation
+(``train.eval_every``) are for embedders and are refused here.
 """
 
 from __future__ import annotations
@@ -66,6 +66,13 @@ class RerankTask:
                 "train.eval_every evaluates an embedder's retrieval; set it to 0 for train.mode=rerank "
                 "and evaluate the exported reranker afterwards."
             )
+        src = Path(str(mc.name_or_path))
+        if (src / CONFIG_NAME).is_file() and not (src / "config.json").is_file():
+            raise ValueError(
+                f"model.name_or_path={src} is a LoRA reranker; the training stream needs a model folder with "
+                "its own config.json. Continue from a merged copy (LLMReranker.save_pretrained(..., "
+                "merge_lora=True), or train.merge_lora=true) or start again from its base model."
+            )
         self.reranker = LLMReranker.from_pretrained(
             mc.name_or_path,
             gguf_file=mc.gguf_file,
@@ -75,7 +82,6 @@ class RerankTask:
             trust_remote_code=mc.trust_remote_code,
             cache=mc.cache_dir,
         )
-        src = Path(str(mc.name_or_path))
         if (src / CONFIG_NAME).is_file() and self.reranker.config.weights == "full":
             # A new adapter on a saved full-weight reranker names that folder as its base.
             self.reranker.config.base_model = str(src.resolve())
