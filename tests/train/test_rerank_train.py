@@ -84,7 +84,7 @@ def test_scores_do_not_depend_on_batching(tiny_reranker):
 def _cfg(*over: str):
     base = [
         "model.name_or_path=tiny-llama", "model.max_length=160", "model.lora.enabled=true", "model.lora.r=8",
-        "model.lora.dropout=0.0", "train.mode=rerank", "train.batch_size=4", "train.max_steps=10",
+        "model.lora.dropout=0.0", "train.mode=rerank", "train.batch_size=4", "train.max_steps=30",
         "train.warmup_steps=0", "train.lr=0.01", "train.num_negatives=1",
     ]
     return load_config(None, base + list(over))
@@ -110,6 +110,7 @@ def test_rerank_task_learns_and_exports(tmp_path):
     from rayembed.train.tasks import make_task
 
     cfg = _cfg()
+    torch.manual_seed(0)  # the LoRA initialisation
     task = make_task(cfg, torch.device("cpu"))
     assert isinstance(task, RerankTask) and task.reranker.is_peft
     batch = _stream_batch()
@@ -127,7 +128,7 @@ def test_rerank_task_learns_and_exports(tmp_path):
         engine.step()
         losses.append(out["loss"])
     assert all(np.isfinite(losses))
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.3 * losses[0], losses
     for i, q in enumerate(QUERIES):
         instruction = INSTRUCTION if i % 2 == 0 else None
         pos, neg = task.reranker.score(q, [POSITIVES[i], NEGATIVES[i]], instruction=instruction)
@@ -171,3 +172,27 @@ def test_rerank_mode_streams_hard_negatives(tmp_path):
 
     assert stream_spec(_cfg("train.num_negatives=3"), [str(tmp_path)]).num_negatives == 3
     assert stream_spec(_cfg("train.mode=mntp"), [str(tmp_path)]).num_negatives == 0
+
+
+@pytest.mark.slow
+def test_rerank_fit_on_ray_train_exports_a_reranker(tmp_path, train_shards, ray_train_local):
+    """One short Ray Train fit (about 50 s here): the stream brings hard negatives, the final
+    checkpoint holds the reranker, and the driver copies it out as <output_dir>/model."""
+    import json
+
+    from rayembed.train import run_training
+
+    cfg = load_config(None, [
+        f"run_dir={tmp_path}", "model.name_or_path=tiny-llama", "model.max_length=192",
+        "model.lora.enabled=true", "model.lora.dropout=0.0", "train.mode=rerank", "train.batch_size=4",
+        "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=2", "train.warmup_steps=0",
+        "train.lr=0.005", "train.num_negatives=1", "train.query_max_length=48", "train.doc_max_length=64",
+    ])
+    model_dir = run_training(cfg, [str(train_shards)])
+    hist = [json.loads(line) for line in (model_dir.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [1, 2, 3, 4] and all(np.isfinite(h["loss"]) for h in hist)
+    trained = LLMReranker.from_pretrained(model_dir)
+    assert trained.config.weights == "lora" and trained.config.max_length == 192
+    base = LLMReranker.from_pretrained("tiny-llama", max_length=192)
+    texts = ["A volcano is a rupture in the crust.", "Bread is baked from dough."]
+    assert not np.allclose(trained.score("what is a volcano", texts), base.score("what is a volcano", texts))
