@@ -81,6 +81,15 @@ def test_scores_do_not_depend_on_batching(tiny_reranker):
         tiny_reranker.score(QUERIES[0], "one string")
 
 
+def test_lora_adapts_only_the_top_layers_when_asked(tmp_path):
+    lora = load_config(None, ["model.lora.enabled=true", "model.lora.top_layers=1"]).model.lora
+    rr = LLMReranker.from_pretrained("tiny-llama", max_length=160, lora=lora)
+    trainable = [n for n, p in rr.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in n for n in trainable)
+    loaded = LLMReranker.from_pretrained(rr.save_pretrained(tmp_path / "top1"))
+    np.testing.assert_array_equal(loaded.score("q", ["a", "bb"]), rr.score("q", ["a", "bb"]))
+
+
 def _cfg(*over: str):
     base = [
         "model.name_or_path=tiny-llama", "model.max_length=160", "model.lora.enabled=true", "model.lora.r=8",

@@ -343,7 +343,19 @@ class LLMReranker(torch.nn.Module):
         targets: Any = list(lora.target_modules)
         if targets == ["all-linear"]:
             targets = "all-linear"
-        peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+        layer_kw: dict[str, Any] = {}
+        top = getattr(lora, "top_layers", None)
+        if top:  # adapt only the top N decoder layers, as Embedder.add_lora does
+            from rayembed.modeling.embedder import _decoder_layers
+
+            pattern, n_layers, linear_names = _decoder_layers(self.model)
+            if top > n_layers:
+                raise ValueError(f"model.lora.top_layers={top}, but {self.config.base_model} has {n_layers} layers.")
+            if targets == "all-linear":  # peft takes a layer subset only with named modules
+                targets = linear_names
+            layer_kw = {"layers_to_transform": list(range(n_layers - top, n_layers)), "layers_pattern": pattern}
+        peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                              **layer_kw)
         self.model = get_peft_model(self.model, peft_cfg)
         self.config.weights = "lora"
         return self
