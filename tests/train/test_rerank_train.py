@@ -175,6 +175,13 @@ def test_rerank_mode_needs_negatives_and_refuses_embedder_options():
         RerankTask(_cfg("train.chunk_size=2"), torch.device("cpu"))
 
 
+def test_local_rerank_recipe_loads():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "jobs/configs/local/rerank.yaml")
+    assert cfg.train.mode == "rerank" and cfg.train.num_negatives >= 1 and cfg.serve.reranker.path
+
+
 def test_rerank_mode_streams_hard_negatives(tmp_path):
     """The trainer asks the stream for train.num_negatives negatives in rerank mode, as in contrastive."""
     from rayembed.train.trainer import stream_spec
