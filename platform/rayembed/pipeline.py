@@ -34,6 +34,14 @@ MARKER = "_stage.json"
 
 class Pipeline:
     def __init__(self, cfg: RayembedConfig):
+        if cfg.train.mode == "rerank" and {"index", "eval", "serve"} & set(cfg.pipeline.stages):
+            from rayembed.config import ConfigError
+
+            raise ConfigError(
+                "train.mode=rerank trains a reranker, but the pipeline's index, eval and serve stages need "
+                "the embedder it trains. Train the reranker alone (rayembed train --config ... "
+                "train.mode=rerank) and point serve.reranker.path at it, or drop those stages."
+            )
         self.cfg = cfg
         self.run = Path(cfg.run_dir).resolve()
         self.run.mkdir(parents=True, exist_ok=True)

@@ -92,3 +92,14 @@ def test_quick_pipeline_runs_every_stage(tmp_path, data_dir, ray_local, monkeypa
     # A rerun skips every finished stage and rewrites the report.
     again = run_pipeline(cfg)
     assert again == report
+
+
+def test_rerank_mode_is_refused_where_later_stages_need_an_embedder(tmp_path):
+    from rayembed.config import ConfigError, load_config
+    from rayembed.pipeline import Pipeline
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "train.mode=rerank"])
+    with pytest.raises(ConfigError, match="serve.reranker.path"):
+        Pipeline(cfg)
+    cfg = load_config(None, [f"run_dir={tmp_path}", "train.mode=rerank", "pipeline.stages=[data,train]"])
+    Pipeline(cfg)
