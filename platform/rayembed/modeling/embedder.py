@@ -452,24 +452,9 @@ class Embedder(torch.nn.Module):
 
     def add_lora(self, lora: LoRAConfig) -> Embedder:
         """Wrap the backbone in a peft LoRA adapter; only adapter weights stay trainable."""
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        targets: Any = lora.target_modules
-        if list(targets) == ["all-linear"]:
-            targets = "all-linear"
-        layer_kw: dict[str, Any] = {}
-        if lora.top_layers:
-            pattern, n_layers, linear_names = _decoder_layers(self.model)
-            if lora.top_layers > n_layers:
-                raise ValueError(
-                    f"model.lora.top_layers={lora.top_layers}, but {self.config.base_model} has {n_layers} layers."
-                )
-            if targets == "all-linear":  # peft takes a layer subset only with named modules
-                targets = linear_names
-            layer_kw = {"layers_to_transform": list(range(n_layers - lora.top_layers, n_layers)),
-                        "layers_pattern": pattern}
-        peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                              **layer_kw)
+        peft_cfg = peft_lora_config(self.model, lora, self.config.base_model)
         self.model = get_peft_model(self.model, peft_cfg)
         self.config.weights = "lora"
         if self.config.attention == "bidirectional":
@@ -722,6 +707,26 @@ class Embedder(torch.nn.Module):
                 h.update(tensor.numpy().tobytes())
             ident["weights_sha256"] = h.hexdigest()
         return ident
+
+
+def peft_lora_config(model: torch.nn.Module, lora: LoRAConfig, base_name: str):
+    """The peft ``LoraConfig`` for ``model.lora``: all-linear, or named modules, on every layer
+    or (``top_layers``) on the top N layers only."""
+    from peft import LoraConfig
+
+    targets: Any = list(lora.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    layer_kw: dict[str, Any] = {}
+    if getattr(lora, "top_layers", None):
+        pattern, n_layers, linear_names = _decoder_layers(model)
+        if lora.top_layers > n_layers:
+            raise ValueError(f"model.lora.top_layers={lora.top_layers}, but {base_name} has {n_layers} layers.")
+        if targets == "all-linear":  # peft takes a layer subset only with named modules
+            targets = linear_names
+        layer_kw = {"layers_to_transform": list(range(n_layers - lora.top_layers, n_layers)),
+                    "layers_pattern": pattern}
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, **layer_kw)
 
 
 def _decoder_layers(model: torch.nn.Module) -> tuple[str, int, list[str]]:

@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rayembed.modeling.embedder import _pick_device, _pick_dtype
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "reranker_config.json"
@@ -147,21 +149,6 @@ def resolve_answer_tokens(tok: Any, yes_token: str = "auto", no_token: str = "au
 
 
 # ----------------------------------------------------------------------------- loading causal LMs
-
-
-def _pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not '{dtype}'.") from None
 
 
 def load_causal_lm(
@@ -338,24 +325,11 @@ class LLMReranker(torch.nn.Module):
 
     def add_lora(self, lora: Any) -> LLMReranker:
         """Wrap the model in a peft LoRA adapter (``LoRAConfig``); only adapter weights train."""
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        targets: Any = list(lora.target_modules)
-        if targets == ["all-linear"]:
-            targets = "all-linear"
-        layer_kw: dict[str, Any] = {}
-        top = getattr(lora, "top_layers", None)
-        if top:  # adapt only the top N decoder layers, as Embedder.add_lora does
-            from rayembed.modeling.embedder import _decoder_layers
+        from rayembed.modeling.embedder import peft_lora_config
 
-            pattern, n_layers, linear_names = _decoder_layers(self.model)
-            if top > n_layers:
-                raise ValueError(f"model.lora.top_layers={top}, but {self.config.base_model} has {n_layers} layers.")
-            if targets == "all-linear":  # peft takes a layer subset only with named modules
-                targets = linear_names
-            layer_kw = {"layers_to_transform": list(range(n_layers - top, n_layers)), "layers_pattern": pattern}
-        peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                              **layer_kw)
+        peft_cfg = peft_lora_config(self.model, lora, self.config.base_model)
         self.model = get_peft_model(self.model, peft_cfg)
         self.config.weights = "lora"
         return self
