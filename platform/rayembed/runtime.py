@@ -109,6 +109,30 @@ def init_ray(compute: ComputeConfig | None = None, **overrides):
     if compute.temp_dir:
         kwargs["_temp_dir"] = str(Path(compute.temp_dir).resolve())
     kwargs.update(overrides)
+    # Ray's own helpers inside workers (Ray Train's placement-group cleaner, the state API) find
+    # "the" cluster by scanning for GCS processes when RAY_ADDRESS is unset, and fail when another
+    # Ray runs on the machine; a stuck cleaner then leaves a restarted fit waiting for CPUs.
+    # So the GCS gets a known port and every worker of this job is told it.
+    port = _free_port()
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {"RAY_ADDRESS": f"127.0.0.1:{port}", **runtime_env.get("env_vars", {})}
+    kwargs["runtime_env"] = runtime_env
     logger.info("Starting a local Ray (%s logical CPUs)", num_cpus)
-    ray.init(**kwargs)
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(**kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
     return ray
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

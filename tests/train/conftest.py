@@ -51,7 +51,12 @@ def train_shards(data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_train_local():
-    """A local Ray for Train fits: logical CPUs above the cores so 2 workers + Ray Data fit."""
+    """A fresh local Ray for Train fits: logical CPUs above the cores so 2 workers + Ray Data fit.
+
+    The session's Ray is shut down first: actor pools, replicas and placement groups that earlier
+    tests leave behind would otherwise hold the CPUs a fit asks for, and it would wait forever.
+    The training tests run last, so nothing needs the session's Ray afterwards.
+    """
     import shutil
     import tempfile
 
@@ -61,8 +66,7 @@ def ray_train_local():
     from rayembed.runtime import init_ray
 
     if ray.is_initialized():
-        yield ray
-        return
+        ray.shutdown()
     tmp = tempfile.mkdtemp(prefix="rtr", dir="/tmp")
     init_ray(ComputeConfig(num_cpus=4, object_store_memory_mb=256, temp_dir=tmp, log_to_driver=False))
     yield ray
