@@ -652,33 +652,14 @@ class Embedder(torch.nn.Module):
         """Write the folder format described in the module docstring (atomically, as a whole)."""
         from rayembed.io import atomic_write_json
 
-        target = Path(path)
-        tmp = target.with_name(f".{target.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        cfg = dataclasses.replace(self.config)
-        model = self.model
-        if self.is_peft and merge_lora:
-            import copy
+        def finish(folder: Path, weights: str) -> None:
+            if self.has_heads:
+                from safetensors.torch import save_file
 
-            model = copy.deepcopy(self.model).merge_and_unload()
-        if self.is_peft and not merge_lora:
-            model.save_pretrained(tmp)
-            cfg.weights = "lora"
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-            cfg.weights = "full"
-            cfg.base_model = self.config.base_model
-        self.tokenizer.save_pretrained(tmp)
-        if self.has_heads:
-            from safetensors.torch import save_file
+                save_file(self._heads_state(), str(folder / HEADS_FILE))
+            atomic_write_json(folder / CONFIG_NAME, dataclasses.asdict(dataclasses.replace(self.config, weights=weights)))
 
-            save_file(self._heads_state(), str(tmp / HEADS_FILE))
-        atomic_write_json(tmp / CONFIG_NAME, dataclasses.asdict(cfg))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        target = save_model_folder(self.model, self.tokenizer, path, merge_lora=merge_lora, finish=finish)
         self.source = str(target.resolve())
         return target
 
@@ -707,6 +688,40 @@ class Embedder(torch.nn.Module):
                 h.update(tensor.numpy().tobytes())
             ident["weights_sha256"] = h.hexdigest()
         return ident
+
+
+def save_model_folder(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, *, merge_lora: bool,
+                      finish: Any) -> Path:
+    """Write a model folder atomically as a whole: weights (a peft adapter alone, or full
+    safetensors, merged when asked), tokenizer, then ``finish(folder, weights)`` for the rest
+    ("lora" or "full"); built beside ``path`` and renamed in, so a crash leaves the old folder."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        is_peft = hasattr(model, "peft_config")
+        if is_peft and merge_lora:
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        if is_peft and not merge_lora:
+            model.save_pretrained(tmp)
+            weights = "lora"
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            weights = "full"
+        tokenizer.save_pretrained(tmp)
+        finish(tmp, weights)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def peft_lora_config(model: torch.nn.Module, lora: LoRAConfig, base_name: str):

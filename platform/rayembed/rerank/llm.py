@@ -39,7 +39,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -466,33 +465,11 @@ class LLMReranker(torch.nn.Module):
     def save_pretrained(self, path: str | os.PathLike, *, merge_lora: bool = False) -> Path:
         """Write the folder format of the module docstring, atomically as a whole."""
         from rayembed.io import atomic_write_json
+        from rayembed.modeling.embedder import save_model_folder
 
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        try:
-            cfg = dataclasses.replace(self.config)
-            model = self.model
-            if self.is_peft and merge_lora:
-                import copy
+        def finish(folder: Path, weights: str) -> None:
+            atomic_write_json(folder / CONFIG_NAME, dataclasses.asdict(dataclasses.replace(self.config, weights=weights)))
 
-                model = copy.deepcopy(self.model).merge_and_unload()
-            if self.is_peft and not merge_lora:
-                model.save_pretrained(tmp)
-                cfg.weights = "lora"
-            else:
-                model.save_pretrained(tmp, safe_serialization=True)
-                cfg.weights = "full"
-            self.tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / CONFIG_NAME, dataclasses.asdict(cfg))
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        target = save_model_folder(self.model, self.tokenizer, path, merge_lora=merge_lora, finish=finish)
         self.source = str(target.resolve())
         return target
