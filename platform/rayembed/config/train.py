@@ -138,7 +138,8 @@ class TrainConfig:
     fail_at_step: int = option(
         0,
         "Fault-injection for tests and drills: worker rank 1 (or 0 if alone) exits hard once at "
-        "this step, on an attempt that started without a checkpoint. 0: off.",
+        "this step, on an attempt that started without a checkpoint, once Ray has committed the "
+        "checkpoints reported so far (so the retry resumes from the latest). 0: off.",
     )
 
     heads_loss_weights: HeadsLossWeights = option(

@@ -151,8 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch, index, batch = next(stream)
         t_data = time.perf_counter() - t0
         if inject_failure and state.step + 1 == tc.fail_at_step:
-            logger.error("Injected failure on rank %d at step %d (train.fail_at_step)", rank, state.step + 1)
-            os._exit(1)
+            _die_after_commit(rank, state.step + 1)
         if "q_input_ids" in batch and batch["q_input_ids"].device != device:
             for k in ("q_input_ids", "q_attention_mask", "d_input_ids", "d_attention_mask"):
                 batch[k] = batch[k].to(device, non_blocking=True)
@@ -220,6 +219,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and step_times:
         steady = step_times[1:] or step_times
         logger.info("Done: %d steps, mean step %.3f s after the first", state.step, sum(steady) / len(steady))
+
+
+def _die_after_commit(rank: int, step: int) -> None:
+    """``train.fail_at_step``: kill this worker, but only once Ray has committed its checkpoints.
+
+    Ray Train's controller polls workers every couple of seconds and registers a checkpoint only
+    when it has every rank's report of that round. A rank that writes no checkpoint files reports
+    at once and would die before the controller saw rank 0's report: the retry would then find no
+    checkpoint, start from step 0 and (``checkpoint is None``) inject the failure again. Waiting
+    until every report made so far is committed makes the retry resume from the latest checkpoint,
+    so the failure fires exactly once.
+    """
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+    logger.error("Injected failure on rank %d at step %d (train.fail_at_step)", rank, step)
+    os._exit(1)
 
 
 def _report_checkpoint(metrics: dict[str, Any], state: TrainState, engine: Any, task: Any, rank: int,
