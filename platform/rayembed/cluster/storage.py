@@ -122,6 +122,21 @@ class Storage:
                 f.write(data)
         return target.uri
 
+    def put_file(self, src: str | os.PathLike, rel: str) -> str:
+        """Copy the local file ``src`` to ``rel`` below this location: atomically on a local disk
+        (temporary name, then rename), as one upload on an object store (a key appears whole)."""
+        target = self.join(rel)
+        if self.is_local:
+            import shutil
+
+            from rayembed.io import atomic_path
+
+            with atomic_path(target.path) as tmp:
+                shutil.copyfile(src, tmp)
+        else:
+            _upload_file(self, Path(src), rel)
+        return target.uri
+
     def read_bytes(self, rel: str) -> bytes:
         with self.filesystem.open_input_stream(self.join(rel).path) as f:
             return f.read()
@@ -209,6 +224,191 @@ def resolve_storage(uri_or_path: str | os.PathLike, *, base: str | os.PathLike |
     if isinstance(fs, pafs.LocalFileSystem):
         uri = path
     return Storage(uri=uri, path=path.rstrip("/") or path, filesystem=fs)
+
+
+# ----------------------------------------------------------------------------- checks before work starts
+
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                   "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def _s3_has_credentials(uri: str) -> bool:
+    """Whether any AWS credential source is configured (env, shared files, anonymous in the URI).
+
+    Only a definite "none" counts: with the instance metadata service allowed (EC2, EKS), the
+    credentials may come from there and only a request tells.
+    """
+    if "anonymous=true" in uri.lower() or any(os.environ.get(k) for k in _CREDENTIAL_ENV):
+        return True
+    files = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials",
+             os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config"]
+    if any(Path(f).expanduser().is_file() for f in files):
+        return True
+    return os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() not in ("true", "1")
+
+
+def check_location(uri_or_path: str | os.PathLike, *, what: str, must_exist: bool = False) -> Storage:
+    """Resolve ``uri_or_path`` and check, before any work starts, that it can be used.
+
+    For object stores: credentials are configured and the bucket exists (one metadata request).
+    ``must_exist``: the location itself must exist (an input). Errors name ``what`` (the config key)
+    and the fix.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        st = resolve_storage(uri_or_path)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+    scheme = uri_scheme(str(uri_or_path))
+    if scheme == "s3" and not _s3_has_credentials(str(uri_or_path)):
+        raise ValueError(
+            f"{what}={uri_or_path}: no AWS credentials are configured on this machine. Set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or add anonymous=true to the "
+            "URI for a public bucket."
+        )
+    if not st.is_local:
+        bucket = st.path.split("/", 1)[0]
+        try:
+            info = st.filesystem.get_file_info(bucket)
+        except OSError as e:
+            raise ValueError(
+                f"{what}={uri_or_path}: cannot reach the bucket '{bucket}' ({str(e).splitlines()[0][:300]}). "
+                "Check the credentials, the endpoint (AWS_ENDPOINT_URL or endpoint_override= in the URI) "
+                "and the network."
+            ) from e
+        if info.type == pafs.FileType.NotFound:
+            raise ValueError(
+                f"{what}={uri_or_path}: the bucket '{bucket}' does not exist. Create it first, or fix the URI."
+            )
+    if must_exist and not st.exists():
+        raise FileNotFoundError(f"{what}={uri_or_path} does not exist. Check the path or URI.")
+    return st
+
+
+# ----------------------------------------------------------------------------- publish and localize
+
+#: Written last into a published folder (a model): every file with its size and sha256.
+COMPLETE_MARKER = "_COMPLETE.json"
+
+
+def _sha256_stream(fs: Any, path: str) -> tuple[int, str]:
+    import hashlib
+
+    h, n = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+    return n, h.hexdigest()
+
+
+def publish_folder(local_dir: str | os.PathLike, dest: str | os.PathLike | Storage) -> Storage:
+    """Copy a finished local folder to ``dest`` and write :data:`COMPLETE_MARKER` last.
+
+    A reader that finds the marker finds every file it lists, with those bytes: an object store
+    has no rename, so completeness is the marker's presence, never a half-copied folder.
+    """
+    from rayembed.io import sha256_file
+
+    src = Path(local_dir)
+    st = dest if isinstance(dest, Storage) else resolve_storage(dest)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+    if st.exists(COMPLETE_MARKER):
+        st.filesystem.delete_file(st.join(COMPLETE_MARKER).path)
+    records = []
+    for p in files:
+        rel = p.relative_to(src).as_posix()
+        if st.is_local:
+            st.write_bytes(rel, p.read_bytes())
+        else:
+            _upload_file(st, p, rel)
+        records.append({"file": rel, "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    st.write_json(COMPLETE_MARKER, {"files": records})
+    logger.info("Published %s to %s (%d files)", src, st.uri, len(records))
+    return st
+
+
+def _upload_file(st: Storage, src: Path, rel: str) -> None:
+    target = st.join(rel)
+    st.filesystem.create_dir(str(PurePosixPath(target.path).parent), recursive=True)
+    with open(src, "rb") as fin, st.filesystem.open_output_stream(target.path) as fout:
+        while True:
+            chunk = fin.read(8 << 20)
+            if not chunk:
+                break
+            fout.write(chunk)
+
+
+def local_cache_root() -> Path:
+    from rayembed.runtime import cache_dir
+
+    return cache_dir() / "downloads"
+
+
+def localize(uri_or_path: str | os.PathLike, *, marker: str = COMPLETE_MARKER,
+             files_of: Any = None, what: str = "folder") -> Path:
+    """A local folder with the contents of ``uri_or_path``: the folder itself when it is local,
+    else a verified copy in the download cache, reused while the marker file is unchanged.
+
+    ``marker`` is the file that lists the folder's files (``_COMPLETE.json`` of
+    :func:`publish_folder`, or an index's ``manifest.json``); ``files_of(marker_json)`` returns
+    their records (``{"file", "bytes", "sha256"}``). The cache key is the marker's sha256, so a
+    republished folder is downloaded anew and an unchanged one never twice. Every file is
+    checked against its size and sha256 before the copy is put in place.
+    """
+    import hashlib
+    import json as _json
+    import shutil
+    import tempfile
+
+    from rayembed.io import sha256_file
+
+    st = resolve_storage(uri_or_path)
+    if st.is_local:
+        return Path(st.path)
+    if not st.exists(marker):
+        raise FileNotFoundError(
+            f"{st.uri} holds no {marker}: it is not a complete {what} (still being written, or the "
+            "writer was killed). Rerun the job that writes it."
+        )
+    raw = st.read_bytes(marker)
+    key = hashlib.sha256(raw).hexdigest()[:32]
+    target = local_cache_root() / key
+    if (target / marker).is_file():
+        return target
+    meta = _json.loads(raw)
+    records = files_of(meta) if files_of is not None else meta["files"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    try:
+        for rec in records:
+            rel = rec["file"]
+            if rel.startswith("/") or ".." in PurePosixPath(rel).parts:
+                raise ValueError(f"{st.uri}/{marker} lists an unsafe path {rel!r}; refusing to download it.")
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with st.filesystem.open_input_stream(st.join(rel).path) as fin, open(dst, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 8 << 20)
+            if ("bytes" in rec and dst.stat().st_size != rec["bytes"]) or (
+                    "sha256" in rec and sha256_file(dst) != rec["sha256"]):
+                raise ValueError(
+                    f"{st.uri}/{rel} does not match the size and sha256 recorded in {marker} (modified or "
+                    "truncated in storage). Rewrite it by rerunning the job that wrote it."
+                )
+        (tmp / marker).write_bytes(raw)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process put the same verified copy in place first
+            if not (target / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Downloaded %s (%d files) into %s", st.uri, len(records), target)
+    return target
 
 
 def warn_if_node_local(storage: Storage, what: str) -> bool:

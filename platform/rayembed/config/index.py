@@ -52,6 +52,11 @@ class EncodeConfig:
         0.5, "Logical CPUs each encoder actor reserves. Fractional on a laptop so readers are not starved."
     )
     num_gpus_per_actor: float = option(0.0, "GPUs each encoder actor reserves (1 on a GPU cluster).")
+    resources_per_actor: dict[str, float] = option(
+        help="Custom Ray resources each encoder actor reserves, e.g. {encoder: 1} to place the pool on a "
+        "node type of the autoscaler that offers them.",
+        factory=dict,
+    )
     batch_size: int = option(64, "Documents per encoder call (rows per map_batches batch).")
     rows_per_block: int = option(
         512, "Rows per Ray Data block after repartition; small blocks spread work over the actors."

@@ -305,11 +305,60 @@ def _batches(texts: list[str], size: int):
         yield texts[i : i + size]
 
 
+def write_sparse_shard(encode: SparseEncodeFn, texts: list[str], path: Path, *, batch_size: int = 256,
+                       vocab_size: int | None = None):
+    """Encode ``texts`` with ``encode`` and write their CSR matrix (rows, vocab) to ``path`` atomically."""
+    import scipy.sparse as sp
+
+    blocks = [sp.csr_matrix(encode(b), dtype=np.float32) for b in _batches(texts, batch_size)]
+    mat = sp.vstack(blocks, format="csr").astype(np.float32)  # (rows, vocab)
+    if mat.shape[0] != len(texts):
+        raise RuntimeError(f"encode_sparse returned {mat.shape[0]} rows for {len(texts)} documents.")
+    if vocab_size not in (None, mat.shape[1]):
+        raise RuntimeError(f"encode_sparse returned {mat.shape[1]} columns, earlier shards {vocab_size}.")
+    if mat.nnz and not np.isfinite(mat.data).all():
+        raise ValueError("encode_sparse returned NaN or infinite weights; refusing to index them.")
+    mat.sum_duplicates()
+    mat.sort_indices()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            sp.save_npz(f, mat, compressed=False)
+    return mat
+
+
+def write_multivector_shard(encode: MultivectorEncodeFn, texts: list[str], stem: Path, *, batch_size: int = 256,
+                            dim: int | None = None) -> tuple[Path, Path, int, np.ndarray]:
+    """Encode ``texts``' token vectors and write ``<stem>.vectors.npy`` (float16) and ``.offsets.npy``.
+
+    Returns ``(vectors path, offsets path, dim, offsets)``.
+    """
+    mats: list[np.ndarray] = []
+    for b in _batches(texts, batch_size):
+        mats.extend(np.asarray(m, dtype=np.float32) for m in encode(b))
+    if len(mats) != len(texts):
+        raise RuntimeError(f"encode_multivector returned {len(mats)} items for {len(texts)} documents.")
+    dims = {m.shape[1] for m in mats if m.ndim == 2 and len(m)}
+    if len(dims) > 1 or any(m.ndim != 2 for m in mats) or dim not in (None, *dims):
+        raise RuntimeError(f"encode_multivector returned token vectors of mixed dimensions {sorted(dims)}.")
+    dim = dims.pop() if dims else int(dim or 0)
+    lengths = np.array([len(m) for m in mats], dtype=np.int64)
+    offsets = np.zeros(len(mats) + 1, dtype=np.int64)  # (rows + 1,)
+    np.cumsum(lengths, out=offsets[1:])
+    vectors = (np.concatenate([m for m in mats if len(m)], axis=0) if offsets[-1]
+               else np.zeros((0, dim), np.float32)).astype(np.float16)  # (tokens, dim)
+    if not np.isfinite(vectors).all():
+        raise ValueError("encode_multivector returned NaN or infinite values; refusing to index them.")
+    vpath, opath = stem.with_suffix(".vectors.npy"), stem.with_suffix(".offsets.npy")
+    for path, arr in ((vpath, vectors), (opath, offsets)):
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+    return vpath, opath, int(dim), offsets
+
+
 def build_sparse_part(build: Any, encode: SparseEncodeFn, *, include_title: bool, overwrite: bool = False,
                       batch_size: int = 256) -> None:
     """Encode every shard's documents with ``encode`` (learned sparse weights) into ``sparse/*.npz``."""
-    import scipy.sparse as sp
-
     settings = {"include_title": include_title}
     if part_done(build.root, build.plan, "sparse", settings):
         return
@@ -319,20 +368,8 @@ def build_sparse_part(build: Any, encode: SparseEncodeFn, *, include_title: bool
         if _shard_record_ok(build, rec, shard, ("file",)):
             continue
         texts = _shard_texts(build, shard, include_title)
-        blocks = [sp.csr_matrix(encode(b), dtype=np.float32) for b in _batches(texts, batch_size)]
-        mat = sp.vstack(blocks, format="csr").astype(np.float32)  # (rows, vocab)
-        if mat.shape[0] != shard["rows"]:
-            raise RuntimeError(f"encode_sparse returned {mat.shape[0]} rows for {shard['rows']} documents.")
-        if rec.get("vocab_size") not in (None, mat.shape[1]):
-            raise RuntimeError(f"encode_sparse returned {mat.shape[1]} columns, earlier shards {rec['vocab_size']}.")
-        if mat.nnz and not np.isfinite(mat.data).all():
-            raise ValueError("encode_sparse returned NaN or infinite weights; refusing to index them.")
-        mat.sum_duplicates()
-        mat.sort_indices()
         path = build.root / SPARSE_DIR / f"sparse-{shard['index']:05d}.npz"
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                sp.save_npz(f, mat, compressed=False)
+        mat = write_sparse_shard(encode, texts, path, batch_size=batch_size, vocab_size=rec.get("vocab_size"))
         rec["vocab_size"] = int(mat.shape[1])
         _put_shard(rec, {"index": shard["index"], "rows": shard["rows"], "id_start": shard["id_start"],
                          "id_end": shard["id_end"], "nnz": int(mat.nnz), "file": file_record(build.root, path)})
@@ -355,28 +392,9 @@ def build_multivector_part(build: Any, encode: MultivectorEncodeFn, *, include_t
         if _shard_record_ok(build, rec, shard, ("vectors", "offsets")):
             continue
         texts = _shard_texts(build, shard, include_title)
-        mats: list[np.ndarray] = []
-        for b in _batches(texts, batch_size):
-            mats.extend(np.asarray(m, dtype=np.float32) for m in encode(b))
-        if len(mats) != shard["rows"]:
-            raise RuntimeError(f"encode_multivector returned {len(mats)} items for {shard['rows']} documents.")
-        dims = {m.shape[1] for m in mats if m.ndim == 2 and len(m)}
-        if len(dims) > 1 or any(m.ndim != 2 for m in mats) or rec.get("dim") not in (None, *dims):
-            raise RuntimeError(f"encode_multivector returned token vectors of mixed dimensions {sorted(dims)}.")
-        dim = dims.pop() if dims else int(rec.get("dim") or 0)
-        lengths = np.array([len(m) for m in mats], dtype=np.int64)
-        offsets = np.zeros(len(mats) + 1, dtype=np.int64)  # (rows + 1,)
-        np.cumsum(lengths, out=offsets[1:])
-        vectors = (np.concatenate([m for m in mats if len(m)], axis=0) if offsets[-1]
-                   else np.zeros((0, dim), np.float32)).astype(np.float16)  # (tokens, dim)
-        if not np.isfinite(vectors).all():
-            raise ValueError("encode_multivector returned NaN or infinite values; refusing to index them.")
         stem = build.root / MULTIVECTOR_DIR / f"mv-{shard['index']:05d}"
-        vpath, opath = stem.with_suffix(".vectors.npy"), stem.with_suffix(".offsets.npy")
-        for path, arr in ((vpath, vectors), (opath, offsets)):
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, arr, allow_pickle=False)
+        vpath, opath, dim, offsets = write_multivector_shard(encode, texts, stem, batch_size=batch_size,
+                                                             dim=rec.get("dim"))
         rec["dim"] = int(dim)
         _put_shard(rec, {"index": shard["index"], "rows": shard["rows"], "id_start": shard["id_start"],
                          "id_end": shard["id_end"], "tokens": int(offsets[-1]),

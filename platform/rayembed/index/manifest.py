@@ -191,3 +191,40 @@ def same_embedder(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if not keys:
         return a.get("path") == b.get("path")
     return all(a.get(k) == b.get(k) for k in keys)
+
+
+def index_files(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file record a manifest lists: shards, id maps, the trained index and the parts' files."""
+    from rayembed.index.lexical import part_files
+
+    files: list[dict[str, Any]] = []
+    for s in m.get("shards", []):
+        if "file" in s and "sha256" in s:
+            files.append({k: s[k] for k in ("file", "bytes", "sha256")})
+        if s.get("docs"):
+            files.append(s["docs"])
+    if m.get("trained"):
+        files.append(m["trained"])
+    for rec in (m.get("parts") or {}).values():
+        files.extend(part_files(rec))
+    return files
+
+
+def local_index_dir(location: str | os.PathLike) -> Path:
+    """A local folder holding the index at ``location`` (a folder, its manifest.json, or a URI).
+
+    A URI (``s3://bucket/idx``) is downloaded once into the local cache, keyed by the sha256 of
+    its manifest, every file verified against its recorded size and sha256; an unchanged index
+    is never downloaded twice.
+    """
+    from rayembed.cluster.storage import is_remote, localize
+
+    text = str(location)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if not is_remote(text):
+        p = Path(text)
+        return p.parent if p.name == MANIFEST and p.is_file() else p
+    if text.rstrip("/").endswith("/" + MANIFEST):
+        text = text.rstrip("/")[: -len(MANIFEST) - 1]
+    return localize(text, marker=MANIFEST, files_of=index_files, what="index")

@@ -37,6 +37,7 @@ from rayembed.index.manifest import (
     check_manifest,
     identity_of,
     kind_of,
+    local_index_dir,
     read_json,
     same_embedder,
     verify_file,
@@ -118,7 +119,7 @@ class ShardedIndex:
         only sizes are checked. ``expected_embedder`` (an Embedder or identity dict) must match
         the embedder the index was built with.
         """
-        p = Path(path)
+        p = Path(path) if isinstance(path, Path) else local_index_dir(path)
         manifest_path = p / MANIFEST if p.is_dir() else p
         root = manifest_path.parent.resolve()
         raw = manifest_path.read_bytes() if manifest_path.is_file() else None

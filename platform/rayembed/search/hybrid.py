@@ -73,9 +73,10 @@ class HybridSearcher:
         the first time a query must be encoded. With ``verify`` every file must match its
         recorded sha256 (a damaged file raises :class:`IndexIntegrityError` naming it).
         """
+        from rayembed.index.manifest import local_index_dir
         from rayembed.index.sharded import DocStore, ShardedIndex
 
-        p = Path(index_dir)
+        p = local_index_dir(index_dir)
         manifest_path = p / MANIFEST if p.is_dir() else p
         root = manifest_path.parent.resolve()
         m = read_json(manifest_path, what="index manifest")
