@@ -51,9 +51,11 @@ def tiny_embedder_copy(tiny_embedder_dir, tmp_path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session: 4 logical CPUs on 2 cores, a small object store.
+_RAY_TMP_DIRS: list[str] = []
+
+
+def start_local_ray():
+    """The tests' local Ray: 4 logical CPUs on 2 cores, a small object store, its own temp dir.
 
     Logical CPUs above the core count keep Ray Data readers from being starved by actors.
     """
@@ -62,13 +64,106 @@ def ray_local():
     from rayembed.config import ComputeConfig
     from rayembed.runtime import init_ray
 
+    if not ray.is_initialized():
+        tmp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
+        _RAY_TMP_DIRS.append(tmp)
+        init_ray(ComputeConfig(num_cpus=4, object_store_memory_mb=256, temp_dir=tmp, log_to_driver=False))
+    return ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_cleanup():
+    """At the end of the session: shut down whatever Ray the tests left and remove its temp dirs."""
+    yield
+    import ray
+
     if ray.is_initialized():
-        yield ray
-        return
-    tmp = tempfile.mkdtemp(prefix="rayt", dir="/tmp")
-    init_ray(
-        ComputeConfig(num_cpus=4, object_store_memory_mb=256, temp_dir=tmp, log_to_driver=False)
-    )
-    yield ray
+        ray.shutdown()
+    for tmp in _RAY_TMP_DIRS:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """The local Ray, shared by the modules that use it; started again if a module (the
+    multi-node tests) shut it down to run its own cluster."""
+    return start_local_ray()
+
+
+# ----------------------------------------------------------------------------- a cluster with object storage
+
+S3_BUCKET = "rayembed-test"
+
+
+@pytest.fixture(scope="module")
+def s3_store():
+    """A real S3 API on 127.0.0.1 (moto's server in a thread) with one bucket, reached through the
+    usual AWS_* variables, which every Ray node started afterwards inherits. Yields the endpoint URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    url = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import boto3
+
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=S3_BUCKET)
+        yield url
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def multinode(s3_store, tmp_path_factory):
+    """A real multi-node Ray on 127.0.0.1: a head (1 CPU) and two worker nodes (1 CPU and one
+    ``worker`` resource each), each with its own scratch folder; this process is its driver. The
+    only storage they share is the S3 server. Stopped by its own handles at the end of the module.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    mem = 200 * 1024 * 1024
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": mem, "include_dashboard": False,
+        "resources": {"head": 1}})
+    workers = [cluster.add_node(num_cpus=1, object_store_memory=mem, resources={"worker": 1}) for _ in range(2)]
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
+    cluster.wait_for_nodes()
+    handle = MultiNode(cluster, workers, s3_store)
+    yield handle
     ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+    cluster.shutdown()
+
+
+class MultiNode:
+    """The running cluster: ``add_worker()``, ``kill(node)`` (removes it at once, as a lost machine)."""
+
+    def __init__(self, cluster, workers, s3_url: str):
+        self.cluster = cluster
+        self.workers = list(workers)
+        self.s3_url = s3_url
+        self.bucket = S3_BUCKET
+
+    def add_worker(self):
+        node = self.cluster.add_node(num_cpus=1, object_store_memory=200 * 1024 * 1024, resources={"worker": 1})
+        self.workers.append(node)
+        self.cluster.wait_for_nodes()
+        return node
+
+    def kill(self, node) -> None:
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+
+    def node_of(self, node_id: str):
+        return next((n for n in self.workers if n.node_id == node_id), None)

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from rayembed.modeling.embedder import Embedder
 
     cfg = load_from_args(args)
-    where = Path(args.index or cfg.index.output_dir or Path(cfg.run_dir) / "index")
+    # A folder, its manifest.json, or a URI (s3://...): ShardedIndex.open downloads and verifies a URI.
+    where = str(args.index or cfg.index.output_dir or Path(cfg.run_dir) / "index")
     try:
         idx = ShardedIndex.open(where, verify=cfg.index.verify, use_gpu=cfg.index.use_gpu)
         name = args.embedder or idx.manifest.get("embedder_name")

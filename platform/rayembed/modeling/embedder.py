@@ -106,6 +106,7 @@ class Embedder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.source = source  # the folder this was loaded from, if any
+        self.uri: str | None = None  # the storage URI it was downloaded from, if any
         self._warned_truncation = False
         if config.attention == "bidirectional":
             enable_bidirectional(self.model, config.model_type)
@@ -189,6 +190,14 @@ class Embedder(torch.nn.Module):
         False drops it. ``multivector_dim`` sizes a new multi-vector head (None: hidden size).
         """
         name = str(name_or_path)
+        uri = None
+        from rayembed.cluster.storage import is_remote
+
+        if is_remote(name) or name.startswith("file://"):
+            from rayembed.cluster.storage import localize
+
+            # A folder in object storage: a verified copy in the local cache, keyed by its marker.
+            uri, name = name, str(localize(name, what="embedder folder"))
         dev = _pick_device(device)
         torch_dtype = _pick_dtype(dtype, dev)
         path = Path(name)
@@ -221,6 +230,7 @@ class Embedder(torch.nn.Module):
         model.eval()
         saved_heads = (ecfg.sparse, ecfg.multivector)
         emb = cls(model, tok, ecfg, source=source)
+        emb.uri = uri
         if saved.exists() and any(saved_heads):
             emb._load_heads(path)
         emb.set_heads(sparse=sparse, multivector=multivector, multivector_dim=multivector_dim)
@@ -659,6 +669,18 @@ class Embedder(torch.nn.Module):
                 save_file(self._heads_state(), str(folder / HEADS_FILE))
             atomic_write_json(folder / CONFIG_NAME, dataclasses.asdict(dataclasses.replace(self.config, weights=weights)))
 
+        from rayembed.cluster.storage import is_remote
+
+        if is_remote(str(path)):
+            import tempfile
+
+            from rayembed.cluster.storage import publish_folder
+
+            with tempfile.TemporaryDirectory(prefix="rayembed-save-") as d:
+                local = save_model_folder(self.model, self.tokenizer, Path(d) / "model", merge_lora=merge_lora,
+                                          finish=finish)
+                publish_folder(local, str(path))  # files first, the completion marker last
+            return path
         target = save_model_folder(self.model, self.tokenizer, path, merge_lora=merge_lora, finish=finish)
         self.source = str(target.resolve())
         return target
@@ -666,7 +688,8 @@ class Embedder(torch.nn.Module):
     def identity(self) -> dict[str, Any]:
         """Path and hashes of the config and weights: what an index records about its embedder."""
         cfg_bytes = json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode()
-        ident: dict[str, Any] = {"path": self.source, "base_model": self.config.base_model}
+        # "path" names where to load it again: the URI for a folder from object storage.
+        ident: dict[str, Any] = {"path": self.uri or self.source, "base_model": self.config.base_model}
         folder = Path(self.source) if self.source else None
         if folder and (folder / CONFIG_NAME).exists():
             from rayembed.io import sha256_file
