@@ -126,6 +126,57 @@ def test_node_lost_during_the_build_and_a_fresh_process_searches_the_bucket(mult
     answers = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert answers and answers[0]["hits"][0]["doc_id"] == "d7"
 
+    # And a fresh process serves /search from the bucket (its own local Ray, replicas download it).
+    _serve_from_bucket(out, docs, tmp_path, env)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_from_bucket(index_uri: str, docs: list[dict], tmp_path: Path, env: dict) -> None:
+    import httpx
+
+    import shutil
+    import tempfile
+
+    port = _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="rsv", dir="/tmp")  # AF_UNIX paths must stay short
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "rayembed"), "serve", "--index-dir", index_uri, "--port", str(port),
+         "compute.num_cpus=2", "compute.object_store_memory_mb=128", f"compute.temp_dir={ray_tmp}",
+         "compute.log_to_driver=false", "serve.encoder.num_cpus=0.25", "serve.retriever.num_cpus=0.25"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
+    )
+    try:
+        deadline = time.time() + 240
+        body = None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/search", json={"query": docs[11]["text"], "k": 3}, timeout=10)
+                if r.status_code == 200:
+                    body = r.json()
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert body is not None, (tmp_path / "serve.log").read_text()[-3000:]
+        assert body["results"][0]["ids"][0] == "d11"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
 
 def test_driver_traffic_does_not_grow_with_the_corpus(multinode, bucket_embedder, tmp_path):
     """2k and 20k documents in 4 shards: the driver receives the same records, and no vector."""

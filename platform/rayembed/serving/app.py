@@ -28,6 +28,7 @@ Deploy with ``serve deploy serving/serve_config.local.yaml`` (import path
 # annotations at runtime, and string annotations inside the ingress class do not resolve.
 import asyncio
 import base64
+import json
 import logging
 import os
 import re
@@ -746,18 +747,37 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_index_dir(cfg, index_dir: str | os.PathLike | None = None) -> Path:
-    """The index to serve: the argument, then serve.index_dir, index.output_dir, <run_dir>/index."""
-    chosen = index_dir or cfg.serve.index_dir or cfg.index.output_dir or str(Path(cfg.run_dir) / "index")
-    path = Path(chosen).expanduser().resolve()
+def resolve_index_dir(cfg, index_dir: str | os.PathLike | None = None) -> Path | str:
+    """The index to serve: the argument, then serve.index_dir, index.output_dir, <run_dir>/index.
+
+    A URI (``s3://bucket/idx``) stays a URI: each replica downloads and verifies it into its own
+    node's cache (see :func:`rayembed.index.manifest.local_index_dir`).
+    """
+    from rayembed.cluster.storage import is_remote
+
+    chosen = str(index_dir or cfg.serve.index_dir or cfg.index.output_dir or Path(cfg.run_dir) / "index")
+    if is_remote(chosen):
+        return chosen.rstrip("/").removesuffix("/manifest.json")
+    path = Path(chosen.removeprefix("file://")).expanduser().resolve()
     return path.parent if path.name == "manifest.json" and path.is_file() else path
 
 
-def read_index_manifest(index_dir: Path) -> dict[str, Any]:
-    """The manifest of ``index_dir``, with an error that says how to build one when missing."""
+def read_index_manifest(index_dir: Path | str) -> dict[str, Any]:
+    """The manifest of ``index_dir`` (a folder or a URI), with an error that says how to build one."""
+    from rayembed.cluster.storage import is_remote, resolve_storage
     from rayembed.index.manifest import MANIFEST, check_manifest, read_json
 
-    path = index_dir / MANIFEST
+    if is_remote(str(index_dir)):
+        st = resolve_storage(str(index_dir))
+        if not st.exists(MANIFEST):
+            raise FileNotFoundError(
+                f"No index at {index_dir} (no {MANIFEST}: not built, or its build has not finished). Build one "
+                "with `rayembed index` or pass --index-dir / serve.index_dir pointing at an index."
+            )
+        manifest = json.loads(st.read_bytes(MANIFEST))
+        check_manifest(manifest, Path(MANIFEST))
+        return manifest
+    path = Path(index_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
             f"No index at {index_dir} (no {MANIFEST}). Build one with `rayembed index` or pass "

@@ -130,8 +130,11 @@ def manifest_version(index_dir: str | os.PathLike) -> str:
     """The version an index reports once opened (the hash of its manifest file)."""
     import hashlib
 
+    from rayembed.cluster.storage import is_remote, resolve_storage
     from rayembed.index.manifest import MANIFEST
 
+    if is_remote(str(index_dir)):
+        return hashlib.sha256(resolve_storage(str(index_dir)).read_bytes(MANIFEST)).hexdigest()[:16]
     return hashlib.sha256((Path(index_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
@@ -222,11 +225,16 @@ def swap_index(index_dir: str | os.PathLike, timeout_s: float = 300.0) -> str:
 
     if _RUN is None:
         raise RuntimeError("No endpoint started by start_server() in this process; start one first.")
-    new_dir = Path(index_dir).expanduser().resolve()
-    if new_dir.name == "manifest.json" and new_dir.is_file():
-        new_dir = new_dir.parent
+    from rayembed.cluster.storage import is_remote
+
+    if is_remote(str(index_dir)):
+        new_dir: Path | str = str(index_dir).rstrip("/").removesuffix("/manifest.json")
+    else:
+        new_dir = Path(index_dir).expanduser().resolve()
+        if new_dir.name == "manifest.json" and new_dir.is_file():
+            new_dir = new_dir.parent
     new = read_index_manifest(new_dir)
-    old = read_index_manifest(Path(_RUN["index_dir"]))
+    old = read_index_manifest(_RUN["index_dir"] if is_remote(str(_RUN["index_dir"])) else Path(_RUN["index_dir"]))
     if not same_embedder(old["embedder"], new["embedder"]):
         raise ValueError(
             f"Index {new_dir} was built with embedder {new['embedder'].get('path')}, but the endpoint "
