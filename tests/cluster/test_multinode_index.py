@@ -139,10 +139,10 @@ def _free_port() -> int:
 
 
 def _serve_from_bucket(index_uri: str, docs: list[dict], tmp_path: Path, env: dict) -> None:
-    import httpx
-
     import shutil
     import tempfile
+
+    import httpx
 
     port = _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rsv", dir="/tmp")  # AF_UNIX paths must stay short
