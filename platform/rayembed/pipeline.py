@@ -43,7 +43,10 @@ class Pipeline:
                 "train.mode=rerank) and point serve.reranker.path at it, or drop those stages."
             )
         self.cfg = cfg
-        self.run = Path(cfg.run_dir).resolve()
+        from rayembed.cluster.storage import local_folder
+
+        self.run = local_folder(cfg.run_dir, what="run_dir", uri_keys="index.output_dir, train.output_dir and "
+                                "serve.index_dir when the stages run one by one")
         self.run.mkdir(parents=True, exist_ok=True)
 
     # -------------------------------------------------------------- bookkeeping

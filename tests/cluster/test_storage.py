@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,22 @@ def test_errors_name_the_fix(tmp_path):
         from rayembed.cluster.storage import Storage
 
         _ = Storage(uri="s3://b/x", path="b/x", filesystem=object()).local_path
+
+
+def test_outputs_written_to_folders_refuse_uris_with_the_fix(tmp_path):
+    """data, synth, eval and the pipeline write folders: a URI there is an error, never 's3:/b/x' locally."""
+    from rayembed.cluster.storage import local_folder
+    from rayembed.config import load_config
+    from rayembed.data.mix import build_mix
+    from rayembed.pipeline import Pipeline
+    from rayembed.synth.pipeline import output_dir
+
+    assert local_folder("file:///mnt/x", what="k") == Path("/mnt/x")
+    for fn, match in (
+        (lambda: build_mix(load_config(None, ["run_dir=s3://bkt/run"])), r"run_dir=s3://bkt/run/data.*shared mount"),
+        (lambda: output_dir(load_config(None, ["synth.output_dir=gs://bkt/s"])), r"synth.output_dir=gs://bkt/s"),
+        (lambda: Pipeline(load_config(None, ["run_dir=s3://bkt/run"])), r"run_dir=s3://bkt/run.*index.output_dir"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fn()
+    assert not any(p.name.startswith("s3:") for p in Path.cwd().iterdir())

@@ -286,6 +286,26 @@ def check_location(uri_or_path: str | os.PathLike, *, what: str, must_exist: boo
     return st
 
 
+def local_folder(value: str | os.PathLike, *, what: str, uri_keys: str = "index.output_dir, train.output_dir, "
+                 "train.storage_path, index.corpus, a saved embedder and serve.index_dir") -> Path:
+    """``value`` as an absolute local folder, for outputs that are written with local file APIs.
+
+    A URI is refused with an error naming the key and where URIs are taken, never turned into a
+    relative folder such as ``s3:/bucket/x`` inside a job's temporary working directory.
+    """
+    text = str(value)
+    scheme = uri_scheme(text)
+    if scheme in ("file", "local"):
+        text = text.split("://", 1)[1]
+    elif scheme is not None:
+        raise ValueError(
+            f"{what}={value}: this output is written to a folder, and a {scheme}:// URI is not supported "
+            f"here yet. Use a shared mount (NFS, EFS, a Filestore path) on a cluster; object-store URIs are "
+            f"taken by {uri_keys}."
+        )
+    return Path(os.path.abspath(Path(text).expanduser()))
+
+
 # ----------------------------------------------------------------------------- publish and localize
 
 #: Written last into a published folder (a model): every file with its size and sha256.

@@ -50,7 +50,6 @@ def _parse_models(items: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     import logging
-    from pathlib import Path
 
     # bm25s sets its own logger to DEBUG on import; keep it at the level the user asked for.
     import bm25s  # noqa: F401
@@ -65,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_from_args(args)
     ev = cfg.eval
     models = _parse_models(args.model) if args.model else dict(ev.models)
-    out_dir = Path(args.output_dir or ev.output_dir or Path(cfg.run_dir) / "eval")
+    from rayembed.cluster.storage import local_folder
+
+    out_dir = local_folder(args.output_dir or ev.output_dir or f"{str(cfg.run_dir).rstrip('/')}/eval",
+                           what="eval.output_dir" if (args.output_dir or ev.output_dir) else "run_dir")
     save_resolved(cfg, out_dir)
     common = dict(query_instructions=ev.query_instructions, batch_size=ev.batch_size,
                   max_length=ev.max_length, device=cfg.model.device, dtype=cfg.model.dtype,

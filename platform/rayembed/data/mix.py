@@ -86,17 +86,19 @@ class _ShardWriter:
 
 def build_mix(cfg, out_dir: str | os.PathLike | None = None) -> Path:
     """Build the training mix from ``cfg.data.sources``; return the path of ``manifest.json``."""
+    from rayembed.cluster.storage import local_folder
     from rayembed.config import to_dict
     from rayembed.data.sources import iter_source
     from rayembed.runtime import resolve_data_dir
 
     dcfg = cfg.data
+    out = local_folder(out_dir or dcfg.output_dir or f"{str(cfg.run_dir).rstrip('/')}/data",
+                       what="data.output_dir" if (out_dir or dcfg.output_dir) else "run_dir")
     if not dcfg.sources:
         raise ValueError(
             "data.sources is empty; list at least one source, e.g. data.sources=[{name: stsb, format: stsb, "
             "path: stsb/sts-train.csv}] (see jobs/configs/local/data.yaml)."
         )
-    out = Path(out_dir or dcfg.output_dir or Path(cfg.run_dir) / "data")
     try:
         data_dir = resolve_data_dir(cfg.data_dir)
     except FileNotFoundError:

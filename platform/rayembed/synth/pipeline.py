@@ -44,7 +44,10 @@ MAX_REPLY_CHARS_IN_REJECTS = 4000
 
 
 def output_dir(cfg) -> Path:
-    return Path(cfg.synth.output_dir or Path(cfg.run_dir) / "synth")
+    from rayembed.cluster.storage import local_folder
+
+    return local_folder(cfg.synth.output_dir or f"{str(cfg.run_dir).rstrip('/')}/synth",
+                        what="synth.output_dir" if cfg.synth.output_dir else "run_dir")
 
 
 def resolve_endpoint(sc) -> tuple[str | None, Secret]:
