@@ -96,9 +96,11 @@ def corpus_files(corpus: str, fmt: str, data_dir: Path | None) -> tuple[list[dic
 
     if not is_remote(corpus):
         local = Path(corpus[len("file://"):] if corpus.startswith("file://") else corpus)
-        folder = local if local.is_absolute() else None
-        if folder is not None and folder.is_dir() and not any((folder / n).exists() for n in ("corpus.jsonl", "cran.all.1400")):
-            return _folder_files(pafs.LocalFileSystem(), str(folder), fmt, str(folder), local=True)
+        tries = [local] if local.is_absolute() else [p for p in (data_dir and data_dir / local, Path.cwd() / local) if p]
+        folder = next((p for p in tries if p.is_dir()), None)
+        if folder is not None and not any((folder / n).exists() for n in ("corpus.jsonl", "cran.all.1400")):
+            # A folder of .parquet / .jsonl files: one input file each, counted and read in parallel.
+            return _folder_files(pafs.LocalFileSystem(), str(folder.resolve()), fmt, str(folder.resolve()), local=True)
         path, fmt = resolve_corpus(local, fmt, data_dir)
         st = path.stat()
         return [{"uri": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}], fmt
@@ -504,7 +506,7 @@ def _shard_pool(ds, cfg: Any, actor_kwargs: dict[str, Any], size: tuple[int, int
     )
 
 
-def _local_output(out_dir: str, run_dir: str) -> str:
+def _output_location(out_dir: str) -> str:
     from rayembed.cluster.storage import is_remote
 
     if is_remote(out_dir) or out_dir.startswith("file://"):
@@ -536,7 +538,7 @@ def build_index(cfg: Any) -> Path | str:
         parts = check_parts(icfg.parts, where="index.parts")
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    out_uri = _local_output(str(icfg.output_dir or Path(cfg.run_dir) / "index"), cfg.run_dir)
+    out_uri = _output_location(str(icfg.output_dir or f"{str(cfg.run_dir).rstrip('/')}/index"))
     out = check_location(out_uri, what="index.output_dir")
     files, fmt = corpus_files(str(icfg.corpus), icfg.format, data_dir)
     mapping = ColumnMapping.from_config(icfg)
