@@ -14,15 +14,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Train the configured model on Parquet shards from `rayembed data build`. Writes the "
             "saved embedder to <train.output_dir>/model, plus metrics.jsonl, loss_curve.png and "
-            "config.resolved.yaml. Re-running with the same train.run_name resumes from the latest "
-            "checkpoint."
+            "config.resolved.yaml. run_dir, train.output_dir, train.storage_path and --train-path "
+            "may be local folders or URIs (s3://bucket/run, gs://...); prints the model's folder or "
+            "URI. Re-running with the same train.run_name resumes from the latest checkpoint."
         ),
     )
     add_config_args(p)
     p.add_argument(
         "--train-path",
         action="append",
-        help="Parquet file or folder of training rows (repeatable). Default: data.output_dir or <run_dir>/data.",
+        help="Parquet file or folder of training rows, local or a URI such as s3://bucket/mix (repeatable). "
+        "Default: data.output_dir or <run_dir>/data.",
     )
     p.add_argument("--print-deepspeed", action="store_true", help="Print the generated DeepSpeed JSON and exit.")
     p.set_defaults(func=run)

@@ -78,6 +78,11 @@ class TrainConfig:
         0.5, "Logical CPUs per worker. Fractions keep Ray Data readers from starving on small machines."
     )
     gpus_per_worker: float = option(1.0, "GPUs per worker when use_gpu is true.")
+    resources_per_worker: dict[str, float] = option(
+        help="Custom Ray resources each worker also asks for, e.g. {worker: 1} to place one worker per "
+        "node that offers one `worker` (CPU and GPU come from cpus_per_worker and gpus_per_worker).",
+        factory=dict,
+    )
     batch_size: int = option(
         16,
         "Global batch in examples per optimizer step, summed over workers (paper: 2048). In-batch "
@@ -160,6 +165,14 @@ class TrainConfig:
             raise ConfigError(f"train.num_workers must be at least 1, got {self.num_workers}.")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"train.cpus_per_worker must be positive, got {self.cpus_per_worker}; try 0.5.")
+        for name, amount in self.resources_per_worker.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ConfigError(
+                    f"train.resources_per_worker.{name}: use train.cpus_per_worker / train.gpus_per_worker for "
+                    "CPUs and GPUs; resources_per_worker holds custom resources only."
+                )
+            if amount <= 0:
+                raise ConfigError(f"train.resources_per_worker.{name} must be positive, got {amount}.")
         if self.batch_size < 1 or self.batch_size % self.num_workers:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} must be a positive multiple of "

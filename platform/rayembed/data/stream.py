@@ -123,7 +123,10 @@ def resolve_parquet_files(paths: Iterable[str]) -> list[str]:
     """
     files: list[str] = []
     for p in paths:
-        path = Path(p)
+        if _is_uri(p):
+            files.extend(_remote_parquet_files(str(p)))
+            continue
+        path = Path(p[len("file://"):] if str(p).startswith("file://") else p)
         if path.is_file():
             files.append(str(path))
             continue
@@ -137,6 +140,58 @@ def resolve_parquet_files(paths: Iterable[str]) -> list[str]:
             raise FileNotFoundError(f"No .parquet files under '{root}'; run `rayembed data build` first.")
         files.extend(found)
     return files
+
+
+def _is_uri(p: Any) -> bool:
+    from rayembed.cluster.storage import is_remote
+
+    return is_remote(str(p))
+
+
+def _remote_parquet_files(uri: str) -> list[str]:
+    """The Parquet files of an object-store file or prefix, as URIs (query options kept), sorted."""
+    import pyarrow.fs as pafs
+
+    from rayembed.cluster.storage import resolve_storage
+
+    st = resolve_storage(uri)
+    info = st.filesystem.get_file_info(st.path)
+    if info.type == pafs.FileType.File:
+        return [uri]
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(
+            f"Training data path '{uri}' does not exist; run `rayembed data build` or fix the URI."
+        )
+    head, sep, query = uri.partition("?")
+    head = head.rstrip("/")
+    root = st
+    if st.exists("manifest.json") and st.exists("train"):
+        root, head = st.join("train"), head + "/train"
+    sel = pafs.FileSelector(root.path, recursive=True)
+    found = sorted(
+        i.path for i in st.filesystem.get_file_info(sel)
+        if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not i.base_name.startswith(".")
+    )
+    if not found:
+        raise FileNotFoundError(f"No .parquet files under '{head}'; run `rayembed data build` first.")
+    return [head + f[len(root.path):] + sep + query for f in found]
+
+
+def parquet_read_args(files: list[str]) -> tuple[list[str], Any]:
+    """``(paths, filesystem)`` for ``ray.data.read_parquet``: URIs become paths inside one
+    ``pyarrow.fs`` filesystem (the first file's, with its URI options); local files stay as they are."""
+    remote = [_is_uri(f) for f in files]
+    if not any(remote):
+        return files, None
+    if not all(remote):
+        raise ValueError(
+            "Training data mixes local paths and URIs; put every training shard in one storage "
+            f"(got {files[:4]})."
+        )
+    from rayembed.cluster.storage import resolve_storage
+
+    fs = resolve_storage(files[0]).filesystem
+    return [resolve_storage(f).path for f in files], fs
 
 
 # ----------------------------------------------------------------------------- tokenising
@@ -256,8 +311,8 @@ def build_train_dataset(spec: StreamSpec):
     """
     import ray
 
-    files = resolve_parquet_files(spec.paths)
-    ds = ray.data.read_parquet(files, columns=READ_COLUMNS, shuffle=None)
+    files, filesystem = parquet_read_args(resolve_parquet_files(spec.paths))
+    ds = ray.data.read_parquet(files, columns=READ_COLUMNS, shuffle=None, filesystem=filesystem)
     # Small blocks, so tokenising and delivery stream (the reader may return one block for
     # many small files); streaming repartition keeps the order.
     ds = ds.repartition(target_num_rows_per_block=spec.tokenize_batch_rows)
@@ -317,6 +372,11 @@ class LocalShard:
 
         tok = TokenizeBatch(self.spec.to_dict())
         for f in self.files:
+            if _is_uri(f):
+                from rayembed.cluster.storage import resolve_storage
+
+                st = resolve_storage(f)
+                f = st.filesystem.open_input_file(st.path)
             pf = pq.ParquetFile(f)
             for rb in pf.iter_batches(batch_size=self.spec.tokenize_batch_rows, columns=READ_COLUMNS):
                 import pyarrow as pa
