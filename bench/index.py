@@ -74,7 +74,7 @@ def timed_search(idx, q: np.ndarray, k: int, repeat: int = 3, **params) -> tuple
 
 def _lora_smollm2(work: Path) -> str:
     """A SmolLM2-135M embedder with a LoRA adapter on every layer, saved as training saves it."""
-    from rayembed.config import LoRAConfig
+    from rayembed.config.model import LoRAConfig
     from rayembed.modeling.embedder import Embedder
 
     path = work / "smollm2-lora"
