@@ -163,17 +163,22 @@ def read_smart(path: str | os.PathLike) -> list[dict[str, Any]]:
     return docs
 
 
+def jsonl_records(lines: Iterable[str], where: str) -> Iterator[dict[str, Any]]:
+    """Records of JSON lines (blank lines skipped); a bad line is an error naming ``where:line``."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{lineno} is not valid JSON ({e.msg}); fix or remove that line.") from e
+
+
 def iter_records(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
     """Raw records of a corpus file, read in this process (no Ray)."""
     if fmt in ("jsonl", "beir"):
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line.") from e
+            yield from jsonl_records(f, str(path))
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 

@@ -53,7 +53,14 @@ from typing import Any
 
 import numpy as np
 
-from rayembed.index.corpus import ColumnMapping, encode_text, normalize, read_smart, resolve_corpus
+from rayembed.index.corpus import (
+    ColumnMapping,
+    encode_text,
+    jsonl_records,
+    normalize,
+    read_smart,
+    resolve_corpus,
+)
 from rayembed.index.faiss_util import METRIC, IndexSpec, new_index, train_index
 from rayembed.index.lexical import (
     BM25_DIR,
@@ -156,14 +163,7 @@ def _open_records(uri: str, fmt: str) -> Iterator[dict[str, Any]]:
     st = resolve_storage(uri)
     if fmt in ("jsonl", "beir"):
         with st.filesystem.open_input_stream(st.path) as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8")
-            for lineno, line in enumerate(text, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{uri}:{lineno} is not valid JSON ({e.msg}); fix or remove that line.") from e
+            yield from jsonl_records(io.TextIOWrapper(raw, encoding="utf-8"), uri)
     elif fmt == "parquet":
         with st.filesystem.open_input_file(st.path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=8192):
