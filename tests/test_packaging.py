@@ -27,6 +27,8 @@ def test_torch_is_the_pinned_cpu_build():
     import torch
 
     assert torch.__version__.startswith("2.13.0")
+    # The CPU wheel: built without CUDA (a CUDA build would pass the version check alone).
+    assert torch.version.cuda is None, f"torch {torch.__version__} is a CUDA build ({torch.version.cuda})"
 
 
 def test_cli_help_at_every_level():

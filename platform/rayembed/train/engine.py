@@ -86,6 +86,106 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     return cfg
 
 
+# ----------------------------------------------------------------------------- state files
+#
+# Training state (weights, optimizer, scheduler, RNG) is a tree of dicts, lists, tuples,
+# numbers, strings and tensors. It is written as two files: every tensor in
+# ``<name>.safetensors`` and the tree in ``<name>.json`` with each tensor replaced by a
+# reference to its key. Loading reads JSON and safetensors only, so a checkpoint on shared
+# storage cannot run code on the workers that resume from it (a pickle could).
+
+DDP_STATE = "ddp_state"
+RNG_STATE = "rng_state"
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj and "__items__" not in obj:
+            return {k: _encode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"Training state {where} is a {type(obj).__name__}; only tensors, numbers, strings, "
+                    "lists and dicts can be checkpointed without pickling.")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def save_state(directory: Path, name: str, state: Any) -> None:
+    """Write ``state`` as ``<name>.safetensors`` (tensors) + ``<name>.json`` (everything else)."""
+    from safetensors.torch import save_file
+
+    from rayembed.io import atomic_path, atomic_write_json
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, tensors, name)
+    with atomic_path(directory / f"{name}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(directory / f"{name}.json", {"format": 1, "state": tree})
+
+
+def load_state(directory: Path, name: str) -> Any:
+    """Read what :func:`save_state` wrote (CPU tensors)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    tree = json.loads((directory / f"{name}.json").read_text())
+    tensors = load_file(str(directory / f"{name}.safetensors"), device="cpu")
+    return _decode(tree["state"], tensors)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) random states."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
 class Engine:
     """What the training loop needs from a distributed engine."""
 
@@ -196,21 +296,29 @@ class DDPEngine(Engine):
         return {k: v.detach().cpu() for k, v in self._model.state_dict().items() if k in names}
 
     def save(self, directory: Path) -> None:
-        if _rank() != 0:  # DDP replicas are identical: one copy is the checkpoint
-            return
+        """Rank 0 writes weights, optimizer and scheduler (DDP replicas are identical); every rank
+        writes its own RNG state. Tensors go to safetensors, the rest to JSON: nothing is pickled."""
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
+        rank = _rank()
+        if rank == 0:
+            save_state(directory, DDP_STATE, {
                 "trainable": self._trainable_state(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-            },
-            directory / "ddp_state.pt",
-        )
+            })
+        save_state(directory, f"{RNG_STATE}-rank{rank}", rng_state())
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "ddp_state.pt", map_location=self.device, weights_only=False)
-        missing = self._model.load_state_dict(state["trainable"], strict=False)
+        if not (directory / f"{DDP_STATE}.json").is_file():
+            legacy = " It holds ddp_state.pt, a pickle, which is never loaded." if (directory / "ddp_state.pt").exists() else ""
+            raise ValueError(
+                f"Checkpoint {directory} has no {DDP_STATE}.json/.safetensors.{legacy} Start a new run "
+                "(a new train.run_name) to train from scratch."
+            )
+        state = load_state(directory, DDP_STATE)
+        missing = self._model.load_state_dict(
+            {k: v.to(self.device) for k, v in state["trainable"].items()}, strict=False
+        )
         if missing.unexpected_keys:
             raise ValueError(
                 f"Checkpoint {directory} holds weights this model lacks ({missing.unexpected_keys[:3]}); "
@@ -218,6 +326,9 @@ class DDPEngine(Engine):
             )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        rng = directory / f"{RNG_STATE}-rank{_rank()}.json"
+        if rng.is_file():  # absent when the world size grew: that rank keeps its fresh seed
+            set_rng_state(load_state(directory, f"{RNG_STATE}-rank{_rank()}"))
 
     @property
     def unwrapped(self) -> torch.nn.Module:
