@@ -30,6 +30,11 @@ class DeploymentConfig:
     max_ongoing_requests: int = option(
         64, "Requests one replica accepts at once; keep it at least max_batch_size so batches can fill."
     )
+    max_queued_requests: int = option(
+        256,
+        "Requests each caller (the HTTP proxy, or the Retriever for the model deployments) queues for this "
+        "deployment beyond those the replicas run; past it the caller gets a 503 at once. -1: unbounded.",
+    )
     upscale_delay_s: float = option(5.0, "Seconds of sustained load before adding a replica.")
     downscale_delay_s: float = option(60.0, "Seconds of low load before removing a replica.")
 
@@ -52,6 +57,11 @@ class DeploymentConfig:
             raise ConfigError(f"serve.{name}.target_ongoing_requests must be positive.")
         if self.max_ongoing_requests < 1:
             raise ConfigError(f"serve.{name}.max_ongoing_requests must be >= 1.")
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            raise ConfigError(
+                f"serve.{name}.max_queued_requests must be >= 1, or -1 for an unbounded queue; got "
+                f"{self.max_queued_requests}."
+            )
 
     def serve_options(self) -> dict:
         """Keyword arguments for ``Deployment.options``."""
@@ -61,6 +71,7 @@ class DeploymentConfig:
         return {
             "ray_actor_options": ray_actor_options,
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
             "autoscaling_config": {
                 "min_replicas": self.min_replicas,
                 "initial_replicas": max(1, self.min_replicas),
@@ -165,6 +176,30 @@ class ServeConfig:
     max_rerank_top: int = option(
         1000, "Largest rerank_top a hybrid /search request may ask for (hits re-scored by MaxSim)."
     )
+    max_rerank_docs: int = option(
+        2000,
+        "Most hits one /search request may re-score by MaxSim over all its queries (rerank_top x queries); "
+        "each loads a document's token vectors.",
+    )
+    max_ef_search: int = option(1024, "Largest ef_search a /search request may ask of an HNSW index.")
+    max_concurrent_requests: int = option(
+        32, "Search, embedding and rerank requests one Retriever replica works on at once."
+    )
+    max_waiting_requests: int = option(
+        96,
+        "Requests one Retriever replica lets wait for a free slot; beyond it a request gets 503 with "
+        "Retry-After at once. max_concurrent_requests + max_waiting_requests must fit in "
+        "serve.retriever.max_ongoing_requests.",
+    )
+    queue_timeout_s: float = option(5.0, "Seconds a request may wait for a free slot before it gets 503.")
+    request_timeout_s: float = option(
+        30.0,
+        "Seconds a request may run before it is stopped and answered 503. The HTTP proxy's own timeout is "
+        "set 10 s above it, as a backstop.",
+    )
+    health_timeout_s: float = option(
+        2.0, "Seconds /healthz waits for the QueryEncoder to answer before it reports the endpoint unavailable."
+    )
     default_k: int = option(10, "k when a /search request gives none.")
     max_body_bytes: int = option(1_048_576, "Largest request body, in bytes; larger gets 413.")
     access_log: bool = option(True, "Log one line per request in the replicas (off for benchmarks).")
@@ -188,7 +223,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for key in ("max_batch_size", "max_queries_per_request", "max_input_chars", "max_k", "default_k",
-                    "max_rerank_top"):
+                    "max_rerank_top", "max_rerank_docs", "max_ef_search", "max_concurrent_requests"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"serve.{key} must be >= 1, got {getattr(self, key)}.")
         if self.default_k > self.max_k:
@@ -213,6 +248,18 @@ class ServeConfig:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ConfigError(f"serve.{key} must be >= 1 or empty, got {v}.")
+        if self.max_waiting_requests < 0:
+            raise ConfigError(f"serve.max_waiting_requests must be >= 0, got {self.max_waiting_requests}.")
+        for key in ("queue_timeout_s", "request_timeout_s", "health_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"serve.{key} must be a positive number of seconds, got {getattr(self, key)}.")
+        admitted = self.max_concurrent_requests + self.max_waiting_requests
+        if admitted > self.retriever.max_ongoing_requests:
+            raise ConfigError(
+                f"serve.max_concurrent_requests + serve.max_waiting_requests = {admitted} exceeds "
+                f"serve.retriever.max_ongoing_requests={self.retriever.max_ongoing_requests}: Serve would queue "
+                "the excess before the Retriever can answer 503. Raise max_ongoing_requests or lower the two."
+            )
         self.encoder.check("encoder")
         self.retriever.check("retriever")
         self.reranker.check("reranker")

@@ -9,6 +9,7 @@ so the ``openai`` client raises its usual exceptions with a readable message.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
@@ -17,12 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 class InvalidRequest(Exception):
     """A request the client must fix. ``param`` names the offending field."""
 
-    def __init__(self, param: str, message: str, status: int = 400, code: str = "invalid_value") -> None:
+    def __init__(self, param: str | None, message: str, status: int = 400, code: str = "invalid_value") -> None:
         super().__init__(message)
         self.param = param
         self.message = message
         self.status = status
         self.code = code
+
+    def __reduce__(self):
+        # Raised in one replica, re-raised in another: pickle every field, not just the message.
+        return (type(self), (self.param, self.message, self.status, self.code))
 
 
 def error_body(message: str, param: str | None, code: str, type_: str = "invalid_request_error") -> dict:
@@ -129,12 +134,17 @@ class EmbeddingsRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    input: StrictStr | list[StrictStr] = Field(description="A text or a list of texts to embed.")
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="A text or a list of texts to embed. Token-id arrays (accepted by the OpenAI API) are refused "
+        "with a 400: this endpoint embeds text."
+    )
     model: StrictStr = Field(description="The served model's name (see GET /v1/models).")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="float: JSON numbers; base64: little-endian float32 bytes."
     )
-    dimensions: StrictInt | None = Field(None, description="Must equal the model's dimension if given.")
+    dimensions: StrictInt | None = Field(
+        None, description="Not supported yet (no shortened vectors): omit it, or send the model's own dimension."
+    )
     user: StrictStr | None = None
     instruction: StrictStr | None = Field(
         None, description="Extension: embed the inputs as queries with this task instruction."
@@ -193,6 +203,7 @@ def check_texts(value: str | list[str], param: str, *, max_items: int, max_chars
     single = isinstance(value, str)
     for i, t in enumerate(texts):
         where = param if single else f"{param}[{i}]"
+        check_unicode(t, where)
         if not t.strip():
             raise InvalidRequest(where, f"{where} is empty; send non-blank text.", code="empty")
         if len(t) > max_chars:
@@ -204,12 +215,42 @@ def check_texts(value: str | list[str], param: str, *, max_items: int, max_chars
     return texts
 
 
+def check_unicode(text: str, param: str) -> None:
+    """400 for text that is not valid Unicode (a lone surrogate such as the JSON escape \\ud800).
+
+    Such a string cannot be encoded as UTF-8, so a tokenizer fails on it and JSON cannot echo it.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(
+            param,
+            f"{param} is not valid Unicode text: it holds a lone surrogate code point at character {e.start} "
+            "(a \\ud800-\\udfff escape without its pair). Send text encoded as UTF-8.",
+            code="invalid_unicode",
+        ) from None
+
+
+def check_instruction(value: str | None, param: str, max_chars: int) -> None:
+    if value is None:
+        return
+    check_unicode(value, param)
+    if len(value) > max_chars:
+        raise InvalidRequest(
+            param, f"{param} is {len(value)} characters long; the limit is {max_chars}. Shorten it.", code="too_long"
+        )
+
+
 def check_range(value: int | None, param: str, low: int, high: int | None = None) -> None:
     if value is None:
         return
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise InvalidRequest(param, f"{param}={value} is out of range; it must be {bound}.", code="out_of_range")
+
+
+_TYPE_LABELS = {"str", "int", "float", "bool", "dict", "list", "none"}
+_BRANCH_LABEL = re.compile(r"^[a-z][a-z_-]*\[.*\]$")
 
 
 def validation_error_to_body(errors: list[dict]) -> tuple[str, dict]:
@@ -223,10 +264,13 @@ def validation_error_to_body(errors: list[dict]) -> tuple[str, dict]:
     parts = []
     params = []
     for e in errors[:5]:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        # Drop pydantic's union-branch labels ('str', 'list[str]') from the location.
-        loc = [x for x in loc if x not in ("str", "list[str]", "int", "function-after[...]")]
-        param = ".".join(loc) if loc else "body"
+        loc = [x for x in e.get("loc", ()) if x != "body"]
+        # Drop pydantic's union-branch labels ('str', 'list[str]', 'function-after[...]') from the location.
+        loc = [x for x in loc if not isinstance(x, str) or (x not in _TYPE_LABELS and not _BRANCH_LABEL.match(x))]
+        param = ""
+        for x in loc:  # field names joined by dots, list positions as [i]: query[1], methods.dense
+            param += f"[{x}]" if isinstance(x, int) else (f".{x}" if param else str(x))
+        param = param or "body"
         if param not in params:
             params.append(param)
         msg = e.get("msg", "invalid")

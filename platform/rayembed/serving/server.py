@@ -176,7 +176,8 @@ def start_server(
     started_ray = not ray.is_initialized()
     if started_ray:
         init_ray(cfg.compute)
-    base_url = start_serve_http(s.host, s.port) + s.route_prefix.rstrip("/")
+    # The proxy's own timeout is a backstop a little above the replicas' (which answer 503 first).
+    base_url = start_serve_http(s.host, s.port, request_timeout_s=s.request_timeout_s + 10) + s.route_prefix.rstrip("/")
     schema = deploy_schema(cfg, idx_dir, emb)
     t0 = time.perf_counter()
     _apply(schema)
@@ -194,7 +195,7 @@ def start_server(
     return base_url
 
 
-def start_serve_http(host: str, port: int) -> str:
+def start_serve_http(host: str, port: int, request_timeout_s: float | None = None) -> str:
     """Start Serve's HTTP proxy on host:port, or join the one already running in this Ray.
 
     Returns the ``http://host:port`` where requests actually reach Serve: Serve keeps the HTTP
@@ -203,7 +204,10 @@ def start_serve_http(host: str, port: int) -> str:
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    serve.start(http_options={"host": host, "port": port})
+    options: dict[str, Any] = {"host": host, "port": port}
+    if request_timeout_s is not None:
+        options["request_timeout_s"] = request_timeout_s
+    serve.start(http_options=options)
     http = _get_global_client().http_config
     if (http.host, http.port) != (host, port):
         logger.warning(
