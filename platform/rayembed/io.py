@@ -103,3 +103,32 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{p}:{lineno} is not valid JSON ({e.msg}); fix or remove that line.") from e
     return rows
+
+
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the finished folder ``new`` to ``target``, replacing any folder there.
+
+    The old folder is first renamed aside under a unique name beside ``target``, then ``new``
+    is renamed in, then the aside copy is removed; a failure in between renames the old folder
+    back. So ``target`` is never deleted before its replacement is in place, and a process
+    killed between the two renames leaves the old folder intact (as ``.<name>.old-*``). ``new``
+    must be on the same filesystem (build it with ``tempfile.mkdtemp(dir=target.parent)``).
+    """
+    import shutil
+
+    new, target = Path(new), Path(target)
+    aside: Path | None = None
+    if target.exists():
+        holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        aside = holder / target.name
+        os.rename(target, aside)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, target)
+            shutil.rmtree(aside.parent, ignore_errors=True)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside.parent, ignore_errors=True)
+    return target

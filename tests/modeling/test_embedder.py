@@ -96,7 +96,19 @@ def test_save_then_load_gives_identical_embeddings(tiny, tmp_path):
     assert cfg["pooling"] == "last" and cfg["attention"] == "causal" and cfg["base_model"] == "tiny-llama"
     again = Embedder.from_pretrained(tmp_path / "m")
     np.testing.assert_array_equal(tiny.encode(TEXTS), again.encode(TEXTS))
-    assert again.identity()["weights_sha256"] == Embedder.from_pretrained(tmp_path / "m").identity()["weights_sha256"]
+    ident = again.identity()
+    assert ident["path"] == str((tmp_path / "m").resolve())
+    # The identity is the saved files': an unsaved in-memory model with other weights differs.
+    assert ident["weights_sha256"] != Embedder.from_pretrained("tiny-llama", max_length=32).identity()["weights_sha256"]
+    # ... and a copy of the same folder elsewhere has the same identity (contents, not location).
+    import shutil
+
+    shutil.copytree(tmp_path / "m", tmp_path / "copy")
+    assert Embedder.from_pretrained(tmp_path / "copy").identity()["weights_sha256"] == ident["weights_sha256"]
+    with torch.no_grad():
+        next(p for p in again.model.parameters()).add_(0.01)
+    again.save_pretrained(tmp_path / "copy")
+    assert Embedder.from_pretrained(tmp_path / "copy").identity()["weights_sha256"] != ident["weights_sha256"]
 
 
 def test_lora_adapter_saves_alone_or_merged(tmp_path):
@@ -212,3 +224,90 @@ def test_from_config_keeps_what_a_saved_embedder_says(tmp_path):
     assert bert.config.padding_side == "right"
     over = Embedder.from_config(load_config(overrides=[f"model.name_or_path={tmp_path / 'bi'}", "model.max_length=32"]).model)
     assert over.config.max_length == 32
+
+
+# ----------------------------------------------------------------------------- identity and safe saving
+
+
+def _swap_vocab(folder, a: str, b: str) -> None:
+    """Swap two tokens' ids in tokenizer.json: the same weights then embed text differently."""
+    path = folder / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(tok))
+
+
+def test_identity_covers_tokenizer_files(tiny, tmp_path):
+    import shutil
+
+    tiny.save_pretrained(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    _swap_vocab(tmp_path / "b", "a", "e")
+    a, b = Embedder.from_pretrained(tmp_path / "a"), Embedder.from_pretrained(tmp_path / "b")
+    assert not np.allclose(a.encode(["a plane"]), b.encode(["a plane"]))  # it does change the vectors
+    assert a.identity()["weights_sha256"] != b.identity()["weights_sha256"]
+    assert a.identity()["config_sha256"] == b.identity()["config_sha256"]
+
+
+def test_identity_covers_sharded_weights(tiny, tmp_path):
+    import shutil
+
+    def sharded(name: str, scale: float):
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "src", folder)
+        (folder / "model.safetensors").unlink()
+        model = Embedder.from_pretrained(tmp_path / "src").model
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+        model.save_pretrained(folder, max_shard_size="100KB")
+        assert len(list(folder.glob("model-0000*-of-0000*.safetensors"))) > 1
+        return Embedder.from_pretrained(folder)
+
+    tiny.save_pretrained(tmp_path / "src")
+    one, two = sharded("one", 1.0), sharded("two", 1.5)
+    assert not np.allclose(one.encode(["a plane"]), two.encode(["a plane"]))
+    assert one.identity()["weights_sha256"] != two.identity()["weights_sha256"]
+    assert one.identity()["weights_sha256"] == sharded("one-again", 1.0).identity()["weights_sha256"]
+
+
+def test_saved_folder_without_safetensors_is_refused(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    torch.save(tiny.model.state_dict(), tmp_path / "m" / "pytorch_model.bin")  # a pickle
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors\. It holds pytorch_model\.bin \(pickles\)"):
+        Embedder.from_pretrained(tmp_path / "m")
+
+
+def test_a_failed_swap_keeps_the_old_folder(tiny, tmp_path, monkeypatch):
+    """The old model folder is never deleted before its replacement is in place."""
+    import os
+
+    target = tmp_path / "m"
+    tiny.save_pretrained(target)
+    before = tiny.encode(TEXTS)
+    real_rename = os.rename
+
+    def failing_rename(src, dst):  # the new folder cannot be moved in (a crash, a full disk)
+        if os.fspath(dst) == os.fspath(target) and ".old-" not in os.fspath(src):
+            raise OSError("simulated failure moving the new folder into place")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    other = Embedder.from_pretrained("tiny-llama", max_length=32, pooling="mean")
+    with pytest.raises(OSError, match="simulated"):
+        other.save_pretrained(target)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(Embedder.from_pretrained(target).encode(TEXTS), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary or aside folder left
+
+
+def test_a_save_never_touches_another_saves_temporary_folder(tiny, tmp_path):
+    """Temporary folders have unique names: a concurrent save's work in progress survives."""
+    busy = tmp_path / ".m.tmp"  # a fixed temporary name another save could be writing to right now
+    busy.mkdir()
+    (busy / "model.safetensors").write_bytes(b"in progress")
+    tiny.save_pretrained(tmp_path / "m")
+    assert (busy / "model.safetensors").read_bytes() == b"in progress"
+    assert Embedder.from_pretrained(tmp_path / "m").config.pooling == "last"

@@ -50,9 +50,18 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "embedder_config.json"
 FORMAT_VERSION = 1
-WEIGHT_FILES = (
-    "model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin", HEADS_FILE,
-)
+# Files of a saved folder that never change what it computes (embedder_config.json is hashed
+# on its own as config_sha256); hidden files and the object-storage completion marker are skipped too.
+IDENTITY_SKIP = {CONFIG_NAME, "README.md", "_COMPLETE.json"}
+
+
+def identity_files(folder: Path) -> list[Path]:
+    """The files whose bytes define what a saved embedder folder computes, in a fixed order."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.name not in IDENTITY_SKIP
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 @dataclass
@@ -695,10 +704,12 @@ class Embedder(torch.nn.Module):
             from rayembed.io import sha256_file
 
             ident["config_sha256"] = sha256_file(folder / CONFIG_NAME)
-            weights = [folder / w for w in WEIGHT_FILES if (folder / w).exists()]
+            # Every file that can change the vectors: weights (sharded or not), model and adapter
+            # config, heads and tokenizer files; names included, so a renamed shard counts too.
             h = hashlib.sha256()
-            for w in weights:
-                h.update(sha256_file(w).encode())
+            for f in identity_files(folder):
+                h.update(f.relative_to(folder).as_posix().encode() + b"\0")
+                h.update(sha256_file(f).encode())
             ident["weights_sha256"] = h.hexdigest()
         else:
             ident["config_sha256"] = hashlib.sha256(cfg_bytes).hexdigest()
@@ -717,13 +728,18 @@ def save_model_folder(model: torch.nn.Module, tokenizer: Any, path: str | os.Pat
                       finish: Any) -> Path:
     """Write a model folder atomically as a whole: weights (a peft adapter alone, or full
     safetensors, merged when asked), tokenizer, then ``finish(folder, weights)`` for the rest
-    ("lora" or "full"); built beside ``path`` and renamed in, so a crash leaves the old folder."""
+    ("lora" or "full"); built in a unique folder beside ``path`` and swapped in with
+    :func:`rayembed.io.replace_folder`, so a crash leaves the old folder."""
+    import tempfile
+
+    from rayembed.io import replace_folder
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    # A unique folder beside the target: two saves to one path never share a temporary folder.
+    holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = holder / target.name
+    tmp.mkdir()
     try:
         is_peft = hasattr(model, "peft_config")
         if is_peft and merge_lora:
@@ -738,12 +754,9 @@ def save_model_folder(model: torch.nn.Module, tokenizer: Any, path: str | os.Pat
             weights = "full"
         tokenizer.save_pretrained(tmp)
         finish(tmp, weights)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        replace_folder(tmp, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)
     return target
 
 
@@ -829,13 +842,33 @@ def _load_backbone(name: str, gguf_file: str | None, dtype: torch.dtype, trust_r
 def _load_saved(path: Path, ecfg: EmbedderConfig, dtype: torch.dtype, trust_remote_code: bool, cache: str | None):
     from transformers import AutoTokenizer
 
+    _require_safetensors(path, ecfg.weights)
     tok = AutoTokenizer.from_pretrained(path)
     if ecfg.weights == "lora":
         from peft import PeftModel
 
         base_name, _, gguf = ecfg.base_model.partition("::")
         base, _, _ = _load_backbone(base_name, gguf or None, dtype, trust_remote_code, cache)
-        model = PeftModel.from_pretrained(base, path)
+        model = PeftModel.from_pretrained(base, path)  # adapter_model.safetensors: checked above
     else:
-        model = _auto_model(path, dtype, trust_remote_code)
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                          use_safetensors=True)
     return model, tok
+
+
+def _require_safetensors(path: Path, weights: str) -> None:
+    """A saved embedder's weights load from safetensors only: a .bin is a pickle, never loaded."""
+    if weights == "lora":
+        ok = (path / "adapter_model.safetensors").is_file()
+    else:
+        ok = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    if not ok:
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        found = f" It holds {', '.join(pickles)} (pickles), which are never loaded." if pickles else ""
+        want = "adapter_model.safetensors" if weights == "lora" else "model.safetensors"
+        raise FileNotFoundError(
+            f"Saved embedder {path} has no {want}.{found} Re-save it with Embedder.save_pretrained "
+            "from a copy you trust."
+        )

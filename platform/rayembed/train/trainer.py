@@ -295,7 +295,7 @@ def collect_outputs(result: Any, out: Path, *, wall_s: float, model_location: st
 
     ``out`` is a local folder (the output itself, or the staging folder of a URI output, whose
     final locations ``model_location`` and ``checkpoint_location`` summary.json records)."""
-    from rayembed.io import atomic_write_json, atomic_write_text
+    from rayembed.io import atomic_write_json, atomic_write_text, replace_folder
     from rayembed.train.loop import MODEL_DIR, PROBE_FILE, STATE_FILE, TrainState
 
     with result.checkpoint.as_directory() as d:
@@ -309,11 +309,13 @@ def collect_outputs(result: Any, out: Path, *, wall_s: float, model_location: st
         if (Path(d) / PROBE_FILE).is_file():
             shutil.copy(Path(d) / PROBE_FILE, out / PROBE_FILE)
         target = out / MODEL_DIR
-        tmp = out / f".{MODEL_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        out.mkdir(parents=True, exist_ok=True)
+        holder = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}.tmp-", dir=out))
+        try:
+            shutil.copytree(src, holder / MODEL_DIR)
+            replace_folder(holder / MODEL_DIR, target)
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)
     lines = "".join(json.dumps(rec) + "\n" for rec in state.history)
     atomic_write_text(out / "metrics.jsonl", lines)
     try:
