@@ -178,16 +178,26 @@ class LocalCluster:
 
     def _command(self) -> list[str]:
         """``ray start --head --block`` with every port picked free (sets gcs_port and dashboard_port)."""
-        (gcs, dash, client, nm, om, agent_http, agent_grpc, renv, metrics) = free_ports(9)
-        self.gcs_port, self.dashboard_port = gcs, dash
+        return self._head_command(include_dashboard=True)
+
+    def _head_command(self, *, include_dashboard: bool, extra: list[str] = (),
+                      ports: tuple[int, ...] | None = None) -> list[str]:
+        """The head's ``ray start`` line on free ports, ``extra`` flags appended.
+
+        Without the dashboard Ray still starts a minimal one (usage stats) on --dashboard-port,
+        so it gets a free port on 127.0.0.1 either way, never the shared default 8265. The job
+        server lives in the dashboard process: without it `ray job submit` has nothing to talk to.
+        """
+        (gcs, dash, client, nm, om, agent_http, agent_grpc, renv, metrics) = ports or free_ports(9)
+        self.gcs_port = gcs
+        self.dashboard_port = dash if include_dashboard else 0
         return [
             ray_executable(), "start", "--head", "--block",
             "--temp-dir", self.temp_dir,
             "--port", str(gcs),
             "--num-cpus", str(self.num_cpus), "--num-gpus", "0",
             "--object-store-memory", str(self.object_store_mb * 1024 * 1024),
-            # The job server lives in the dashboard process: without it `ray job submit` has nothing to talk to.
-            "--include-dashboard", "true",
+            "--include-dashboard", "true" if include_dashboard else "false",
             "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(dash),
             "--ray-client-server-port", str(client),
@@ -198,6 +208,7 @@ class LocalCluster:
             "--runtime-env-agent-port", str(renv),
             "--metrics-export-port", str(metrics),
             "--disable-usage-stats",
+            *extra,
         ]
 
     def _env(self) -> dict[str, str]:
@@ -454,34 +465,14 @@ class AutoscalingLocalCluster(LocalCluster):
     def _command(self) -> list[str]:
         import yaml
 
-        (gcs, client, nm, om, agent_http, agent_grpc, renv, metrics, dash) = free_ports(9)
-        self.gcs_port = gcs
-        self.dashboard_port = dash if self.include_dashboard else 0
+        ports = tuple(free_ports(9))
+        self.gcs_port = ports[0]  # the cluster YAML names the head's address
         config = self.cluster_config()
         self.config_path = Path(self.temp_dir) / "autoscaler.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         ensure_fake_provider_defaults(config)
-        cmd = [
-            ray_executable(), "start", "--head", "--block",
-            "--temp-dir", self.temp_dir,
-            "--port", str(gcs),
-            "--num-cpus", str(self.num_cpus), "--num-gpus", "0",
-            "--object-store-memory", str(self.object_store_mb * 1024 * 1024),
-            "--autoscaling-config", str(self.config_path),
-            "--ray-client-server-port", str(client),
-            "--node-manager-port", str(nm),
-            "--object-manager-port", str(om),
-            "--dashboard-agent-listen-port", str(agent_http),
-            "--dashboard-agent-grpc-port", str(agent_grpc),
-            "--runtime-env-agent-port", str(renv),
-            "--metrics-export-port", str(metrics),
-            "--disable-usage-stats",
-        ]
-        # Without the dashboard Ray still starts a minimal one (usage stats) on --dashboard-port:
-        # give it a free port on 127.0.0.1 either way, not the shared default 8265.
-        cmd += ["--include-dashboard", "true" if self.include_dashboard else "false",
-                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash)]
-        return cmd
+        return self._head_command(include_dashboard=self.include_dashboard, ports=ports,
+                                  extra=["--autoscaling-config", str(self.config_path)])
 
     def _env(self) -> dict[str, str]:
         env = super()._env()
