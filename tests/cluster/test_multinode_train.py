@@ -44,33 +44,6 @@ def _cfg(run_dir: str, *over: str):
     ])
 
 
-def _write_rows(data_dir: Path, out: Path, n_rows: int, n_files: int = 2) -> Path:
-    """Unified-schema rows from real MS MARCO passages (first sentence -> the rest, another
-    passage's rest as hard negative), as tests/train/conftest.py's write_crop_pairs."""
-    from rayembed.data.schema import make_row, to_table
-    from rayembed.io import atomic_write_parquet
-
-    pairs = []
-    with open(data_dir / "msmarco-subset" / "corpus.jsonl", encoding="utf-8") as f:
-        for line in f:
-            head, _, rest = json.loads(line)["text"].partition(". ")
-            if len(head.split()) >= 4 and len(rest.split()) >= 8:
-                pairs.append((head, rest))
-            if len(pairs) > n_rows:
-                break
-    rows = [
-        make_row(instruction="Given the opening sentence of a passage, retrieve its continuation",
-                 query=h, positive=r, negatives=[pairs[(i + 7) % len(pairs)][1]], task_type="retrieval",
-                 source="msmarco-crops")
-        for i, (h, r) in enumerate(pairs[:n_rows])
-    ]
-    out.mkdir(parents=True, exist_ok=True)
-    per = (len(rows) + n_files - 1) // n_files
-    for k in range(n_files):
-        atomic_write_parquet(out / f"part-{k:05d}.parquet", to_table(rows[k * per:(k + 1) * per]))
-    return out
-
-
 # ----------------------------------------------------------------------------- fast: locations
 
 
@@ -137,22 +110,6 @@ def test_resources_per_worker_takes_custom_resources_only():
 # ----------------------------------------------------------------------------- slow: a lost node
 
 
-@pytest.fixture(scope="module")
-def data_node(multinode):
-    """A CPU node for Ray Data beside the fixture's 1-CPU nodes, as a real cluster's head or CPU
-    pool has: Ray Data's listing, read and repartition tasks each reserve a whole CPU (not
-    configurable in 2.60), and a 1-CPU node that holds half a Train worker, or a tokenising actor
-    placed by SPREAD, has none left, so the stream would wait forever. It has no `worker`
-    resource, so no Train worker lands on it."""
-    import ray
-
-    node = multinode.cluster.add_node(num_cpus=2, object_store_memory=200 * 1024 * 1024)
-    multinode.cluster.wait_for_nodes()
-    yield node
-    if any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
-        multinode.cluster.remove_node(node)
-
-
 def _committed_step(snapshot) -> int | None:
     """The step of the latest checkpoint Ray Train has committed, from its snapshot in the bucket."""
     if not snapshot.exists():
@@ -190,7 +147,7 @@ class _Fit(threading.Thread):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_node_fit_resumes_from_the_bucket_after_losing_a_node(multinode, data_node, data_dir, tmp_path,
+def test_two_node_fit_resumes_from_the_bucket_after_losing_a_node(multinode, data_node, rows_writer, tmp_path,
                                                                   monkeypatch):
     import ray
 
@@ -198,11 +155,8 @@ def test_two_node_fit_resumes_from_the_bucket_after_losing_a_node(multinode, dat
     from rayembed.modeling.embedder import Embedder
 
     monkeypatch.chdir(tmp_path)  # so a URI turned into a relative folder would show up here
-    # Ray Data 2.60 reads Parquet footers with a pool of 32 actors, each a new Python process: on 2
-    # shared cores they cost over a minute per fit. The pool is sized in the driver at read time.
-    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     base = f"s3://{multinode.bucket}/{uuid.uuid4().hex[:12]}"
-    resolve_storage(f"{base}/data").upload(_write_rows(data_dir, tmp_path / "rows", 128))
+    resolve_storage(f"{base}/data").upload(rows_writer(tmp_path / "rows", 128, 2))
     head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("head"))
     snapshot = resolve_storage(f"{base}/run/train/ray").join(RUN_NAME, "checkpoint_manager_snapshot.json")
     fit = _Fit(_cfg(f"{base}/run"), [f"{base}/data"])

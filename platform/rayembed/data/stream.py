@@ -49,8 +49,10 @@ shuffle buffer, one partial batch per source and the fill pool.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import random
 import time
 from collections import OrderedDict, deque
@@ -302,6 +304,29 @@ class TokenizeBatch:
         )
 
 
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+@contextlib.contextmanager
+def footer_readers(n_files: int):
+    """Size Ray Data's Parquet footer-reading pool to the files read.
+
+    Ray Data 2.60 lists Parquet files by reading their footers on a pool of 32 actors (each a new
+    Python process), whatever the number of files; for a training mix of a few files that start-up
+    costs over a minute on a small machine. The pool is sized from the environment when
+    ``read_parquet`` is called, so this sets about one actor per 10 files (Ray's footer batch),
+    at most 32, for the duration of the call, unless the user has set the variable.
+    """
+    if FOOTER_ACTORS_ENV in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ACTORS_ENV] = str(max(1, min(32, -(-n_files // 10))))
+    try:
+        yield
+    finally:
+        os.environ.pop(FOOTER_ACTORS_ENV, None)
+
+
 def build_train_dataset(spec: StreamSpec):
     """The tokenised training stream as a ``ray.data.Dataset`` (lazy; nothing runs yet).
 
@@ -312,7 +337,8 @@ def build_train_dataset(spec: StreamSpec):
     import ray
 
     files, filesystem = parquet_read_args(resolve_parquet_files(spec.paths))
-    ds = ray.data.read_parquet(files, columns=READ_COLUMNS, shuffle=None, filesystem=filesystem)
+    with footer_readers(len(files)):
+        ds = ray.data.read_parquet(files, columns=READ_COLUMNS, shuffle=None, filesystem=filesystem)
     # Small blocks, so tokenising and delivery stream (the reader may return one block for
     # many small files); streaming repartition keeps the order.
     ds = ds.repartition(target_num_rows_per_block=spec.tokenize_batch_rows)
