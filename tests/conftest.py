@@ -160,6 +160,22 @@ def multinode(s3_store, tmp_path_factory):
     cluster.shutdown()
 
 
+@pytest.fixture(scope="module")
+def data_node(multinode):
+    """A CPU node for Ray Data beside the fixture's 1-CPU nodes, as a real cluster's head or CPU
+    pool has: Ray Data's listing, read and repartition tasks each reserve a whole CPU (not
+    configurable in 2.60), and a 1-CPU node that holds half a Train worker, or a tokenising actor
+    placed by SPREAD, has none left, so the stream would wait forever. It has no `worker`
+    resource, so no Train worker lands on it."""
+    import ray
+
+    node = multinode.cluster.add_node(num_cpus=2, object_store_memory=200 * 1024 * 1024)
+    multinode.cluster.wait_for_nodes()
+    yield node
+    if any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+        multinode.cluster.remove_node(node)
+
+
 class MultiNode:
     """The running cluster: ``add_worker()``, ``kill(node)`` (removes it at once, as a lost machine)."""
 

@@ -8,13 +8,24 @@
     serve  -> <run_dir>/serve     the Ray Serve endpoint answers a few queries over HTTP, then stops
 
 Each stage reads only the saved artifacts of the ones before it and records itself in
-``<run_dir>/<stage>/_stage.json``; a rerun skips finished stages (``pipeline.force=true`` or
-``--stages`` reruns them). ``<run_dir>/report.md`` gathers the results table and plots.
+``<run_dir>/<stage>/_stage.json``, with a fingerprint of the config sections it used and of the
+stages it read. A rerun skips a finished stage whose fingerprint still matches; a stage whose
+config changed runs again, and so does every stage after it (``pipeline.force=true`` or
+``--stages`` reruns finished stages too). A stage that needs an earlier stage's output refuses to
+use it when it is stale, naming what changed. ``<run_dir>/report.md`` gathers the results table
+and plots, and marks any stage whose results no longer match the config.
+
+``run_dir`` may be a local folder or a URI (``s3://bucket/run``, any ``pyarrow.fs`` scheme). With a
+URI, train and index write there directly; synth, data and eval are written to a local scratch
+folder (``$RAYEMBED_CACHE/runs/<hash>``) and published to ``<run_dir>/<stage>`` with a completion
+marker; later stages read them back through the verified download cache. The stage markers and
+report.md are written to the URI last, so nothing the run needs stays on the driver's disk.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -22,10 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rayembed.config import RayembedConfig, save_resolved
+from rayembed.config import ConfigError, RayembedConfig, save_resolved, to_dict
 from rayembed.config.data import SourceConfig
 from rayembed.config.eval import DatasetSpec
-from rayembed.io import atomic_write_json, atomic_write_text
+from rayembed.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -43,31 +54,133 @@ class Pipeline:
                 "train.mode=rerank) and point serve.reranker.path at it, or drop those stages."
             )
         self.cfg = cfg
-        from rayembed.cluster.storage import local_folder
+        from rayembed.cluster.storage import check_location, local_cache_root
 
-        self.run = local_folder(cfg.run_dir, what="run_dir", uri_keys="index.output_dir, train.output_dir and "
-                                "serve.index_dir when the stages run one by one")
-        self.run.mkdir(parents=True, exist_ok=True)
+        self.store = check_location(cfg.run_dir, what="run_dir")
+        if self.store.is_local:
+            self.run = Path(self.store.path)
+            self.scratch = self.run
+        else:
+            self.run = None
+            key = hashlib.sha256(self.store.uri.encode()).hexdigest()[:16]
+            self.scratch = local_cache_root().parent / "runs" / key
+        self.scratch.mkdir(parents=True, exist_ok=True)
+
+    # -------------------------------------------------------------- locations
+
+    @property
+    def remote(self) -> bool:
+        return not self.store.is_local
+
+    @property
+    def where(self) -> str:
+        """run_dir as the user gave it, resolved (a local folder or a URI)."""
+        return str(self.run) if self.run is not None else self.store.uri
+
+    def stage_dir(self, stage: str) -> Path:
+        """The local folder a stage writes with local file APIs (the run folder itself when local)."""
+        return self.scratch / stage
+
+    def stage_out(self, stage: str) -> str:
+        """Where a stage's outputs end up: a local folder or a URI below run_dir."""
+        return str(self.stage_dir(stage)) if not self.remote else self.store.join(stage).uri
+
+    def publish(self, stage: str) -> str:
+        """Make a locally written stage folder available at :meth:`stage_out`; returns that."""
+        if self.remote:
+            from rayembed.cluster.storage import publish_folder
+
+            publish_folder(self.stage_dir(stage), self.store.join(stage))
+        return self.stage_out(stage)
+
+    def local_copy(self, location: str) -> Path:
+        """A local folder with a published stage folder's files (itself when it is local)."""
+        from rayembed.cluster.storage import localize
+
+        return localize(location, what="stage output")
 
     # -------------------------------------------------------------- bookkeeping
 
-    def stage_dir(self, stage: str) -> Path:
-        return self.run / stage
-
     def done(self, stage: str) -> dict[str, Any] | None:
-        marker = self.stage_dir(stage) / MARKER
-        return json.loads(marker.read_text()) if marker.exists() else None
+        rel = f"{stage}/{MARKER}"
+        return self.store.read_json(rel) if self.store.exists(rel) else None
 
     def finish(self, stage: str, info: dict[str, Any]) -> dict[str, Any]:
-        atomic_write_json(self.stage_dir(stage) / MARKER, info)
+        self.store.write_json(f"{stage}/{MARKER}", info)
         return info
+
+    def fingerprint(self, stage: str) -> dict[str, str]:
+        """Hashes of what ``stage`` depends on: its config sections and the stages it reads.
+
+        Paths the pipeline sets itself (output folders) and settings that cannot change a
+        result (timeouts, concurrency, ports, secrets' locations) are left out.
+        """
+        c = to_dict(self.cfg)
+        drop = {"output_dir", "storage_path", "max_in_flight", "request_timeout_s", "api_key_env",
+                "api_key_file", "port", "log_to_driver"}
+
+        def clean(v: Any) -> Any:
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items() if k not in drop}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        def h(v: Any) -> str:
+            return hashlib.sha256(json.dumps(clean(v), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+        pc = c["pipeline"]
+        parts: dict[str, Any] = {}
+        upstream: list[str] = []
+        if stage == "synth":
+            parts = {"synth": c["synth"], "seed": c["seed"]}
+        elif stage == "data":
+            parts = {"data": c["data"], "data_dir": c["data_dir"], "seed": c["seed"]}
+            synth = self.done("synth")
+            upstream = ["synth"] if synth and synth.get("accepted") else []
+        elif stage == "train":
+            parts = {"model": c["model"], "train": c["train"], "seed": c["seed"]}
+            upstream = ["data"]
+        elif stage == "index":
+            idx = {k: v for k, v in c["index"].items() if k not in ("corpus", "format", "embedder")}
+            parts = {"index": idx, "pipeline.corpora": pc["corpora"], "data_dir": c["data_dir"], "model": c["model"]}
+            upstream = ["train"]
+        elif stage == "eval":
+            parts = {"eval": c["eval"], "pipeline.baselines": pc["baselines"], "data_dir": c["data_dir"],
+                     "pipeline.include_untuned": pc["include_untuned"], "model": c["model"]}
+            upstream = ["train"] if self.done("train") else []
+        elif stage == "serve":
+            parts = {"serve": c["serve"], "pipeline.demo_queries": pc["demo_queries"]}
+            upstream = ["index", "train"]
+        out = {k: h(v) for k, v in parts.items()}
+        for up in upstream:
+            out[f"stage {up}"] = self.fingerprint(up)["all"]
+        out["all"] = h(out)
+        return out
+
+    def changed(self, stage: str, info: dict[str, Any]) -> list[str]:
+        """What differs between the config now and the one ``info`` (a stage marker) was made with."""
+        old = info.get("fingerprint")
+        now = self.fingerprint(stage)
+        if not isinstance(old, dict):
+            return ["(the stage was recorded without a fingerprint)"]
+        if old.get("all") == now["all"]:
+            return []
+        return sorted(k for k in set(old) | set(now) if k != "all" and old.get(k) != now.get(k)) or ["(unknown)"]
 
     def need(self, stage: str) -> dict[str, Any]:
         info = self.done(stage)
         if info is None:
             raise FileNotFoundError(
-                f"Stage '{stage}' has not finished in {self.run}; run it first "
+                f"Stage '{stage}' has not finished in {self.where}; run it first "
                 f"(rayembed pipeline --stages {stage} ...)."
+            )
+        diff = self.changed(stage, info)
+        if diff:
+            raise ConfigError(
+                f"Stage '{stage}' in {self.where} was made with a different config ({', '.join(diff)} "
+                f"changed since). Rerun it and the stages after it (rayembed pipeline --stages {stage} ... "
+                "or pipeline.force=true), or restore the config it was made with."
             )
         return info
 
@@ -81,8 +194,11 @@ class Pipeline:
 
         cfg = self.stage_cfg()
         cfg.synth.output_dir = str(self.stage_dir("synth"))
+        # The folder is the pipeline's own: a run with another generation config is replaced
+        # (the stage reruns because its fingerprint changed); the same config resumes.
+        cfg.synth.overwrite = True
         summary = run_synth(cfg)
-        return {"output": str(self.stage_dir("synth")), "accepted": summary.get("accepted"),
+        return {"output": self.publish("synth"), "accepted": summary.get("accepted"),
                 "rejected": summary.get("rejected"), "requests": summary.get("requests"),
                 "rejected_by_reason": summary.get("rejected_by_reason", {})}
 
@@ -94,10 +210,13 @@ class Pipeline:
         cfg.data.output_dir = str(out)
         synth = self.done("synth")
         if synth and synth.get("accepted"):
-            cfg.data.sources = [*cfg.data.sources, SourceConfig(name="synthetic", format="schema", path=synth["output"])]
+            synth = self.need("synth")
+            cfg.data.sources = [*cfg.data.sources, SourceConfig(
+                name="synthetic", format="schema", path=str(self.local_copy(synth["output"])))]
         manifest_path = build_mix(cfg, out_dir=out)
         manifest = read_manifest(manifest_path)
-        return {"output": str(out), "manifest": str(manifest_path),
+        where = self.publish("data")
+        return {"output": where, "manifest": f"{where}/{Path(manifest_path).relative_to(out).as_posix()}",
                 "rows": {"train": manifest["train"]["rows"], "val": manifest["val"]["rows"],
                          "train_by_source": manifest["train"]["by_source"],
                          "train_by_task_type": manifest["train"]["by_task_type"]}}
@@ -107,9 +226,9 @@ class Pipeline:
 
         data = self.need("data")
         cfg = self.stage_cfg()
-        cfg.train.output_dir = str(self.stage_dir("train"))
+        cfg.train.output_dir = self.stage_out("train")
         model_dir = run_training(cfg, train_paths=[data["output"]])
-        return {"output": str(self.stage_dir("train")), "embedder": str(model_dir)}
+        return {"output": self.stage_out("train"), "embedder": str(model_dir)}
 
     def trained_model(self) -> str:
         return self.need("train")["embedder"]
@@ -124,9 +243,9 @@ class Pipeline:
             cfg.index.corpus = corpus.path
             cfg.index.format = corpus.format
             cfg.index.embedder = embedder
-            cfg.index.output_dir = str(self.stage_dir("index") / corpus.name)
+            cfg.index.output_dir = f"{self.stage_out('index')}/{corpus.name}"
             manifest = build_index(cfg)
-            built[corpus.name] = str(Path(manifest).parent)
+            built[corpus.name] = str(manifest).rsplit("/", 1)[0]
             logger.info("pipeline: indexed %s -> %s", corpus.name, manifest)
         return {"indexes": built}
 
@@ -149,7 +268,7 @@ class Pipeline:
         )
         table = render_table(results)
         print("\n" + table)
-        return {"output": str(self.stage_dir("eval")), "table": table, "metrics": results["metrics"]}
+        return {"output": self.publish("eval"), "table": table, "metrics": results["metrics"]}
 
     def serve(self) -> dict[str, Any]:
         import httpx
@@ -184,83 +303,108 @@ class Pipeline:
                         print(f"   {h.get('score', 0):.3f}  [{h.get('doc_id')}] {str(h.get('text', ''))[:110]}")
         finally:
             stop_server()
-        atomic_write_json(self.stage_dir("serve") / "answers.json", answers)
+        self.store.write_json("serve/answers.json", answers)
         return {"base_url": base, "answers": answers}
 
     # -------------------------------------------------------------- driver
 
-    def run_stages(self, stages: list[str], *, force: bool = False, explicit: bool = False) -> Path:
+    def run_stages(self, stages: list[str], *, force: bool = False, explicit: bool = False) -> str:
         from rayembed.runtime import init_ray
 
-        save_resolved(self.cfg, self.run)
+        resolved = save_resolved(self.cfg, self.scratch)
+        if self.remote:
+            self.store.put_file(resolved, resolved.name)
         init_ray(self.cfg.compute)
         timings = {}
         funcs: dict[str, Callable[[], dict[str, Any]]] = {
             "synth": self.synth, "data": self.data, "train": self.train,
             "index": self.index, "eval": self.eval, "serve": self.serve,
         }
-        for stage in stages:
-            if self.done(stage) and not (force or explicit):
-                logger.info("pipeline: %s already finished in %s; skipping (pipeline.force=true reruns it)",
-                            stage, self.stage_dir(stage))
-                continue
-            logger.info("pipeline: ---- %s ----", stage)
-            t0 = time.perf_counter()
-            info = funcs[stage]()
-            info["seconds"] = round(time.perf_counter() - t0, 1)
-            timings[stage] = info["seconds"]
-            self.finish(stage, info)
-            logger.info("pipeline: %s finished in %.1f s", stage, info["seconds"])
-        report = self.write_report()
+        try:
+            for stage in stages:
+                prev = self.done(stage)
+                if prev and not (force or explicit):
+                    diff = self.changed(stage, prev)
+                    if not diff:
+                        logger.info("pipeline: %s already finished in %s; skipping (pipeline.force=true reruns it)",
+                                    stage, self.stage_out(stage))
+                        continue
+                    logger.info("pipeline: %s reruns: %s changed since it ran", stage, ", ".join(diff))
+                logger.info("pipeline: ---- %s ----", stage)
+                if prev:  # a rerun that fails halfway must not leave the old marker vouching for it
+                    self.store.filesystem.delete_file(self.store.join(f"{stage}/{MARKER}").path)
+                t0 = time.perf_counter()
+                info = funcs[stage]()
+                info["fingerprint"] = self.fingerprint(stage)
+                info["seconds"] = round(time.perf_counter() - t0, 1)
+                timings[stage] = info["seconds"]
+                self.finish(stage, info)
+                logger.info("pipeline: %s finished in %.1f s", stage, info["seconds"])
+        finally:
+            report = self.write_report()
         logger.info("pipeline: report at %s", report)
         return report
 
-    def write_report(self) -> Path:
-        lines = ["# rayembed pipeline report", "", f"Run directory: `{self.run}`", ""]
-        stage_rows = []
+    def write_report(self) -> str:
+        lines = ["# rayembed pipeline report", "", f"Run directory: `{self.where}`", ""]
+        current: dict[str, dict[str, Any]] = {}
+        stale: dict[str, list[str]] = {}
         for stage in ("synth", "data", "train", "index", "eval", "serve"):
             info = self.done(stage)
-            if info:
-                stage_rows.append(f"| {stage} | {info.get('seconds', '')} |")
+            if info is None:
+                continue
+            diff = self.changed(stage, info)
+            if diff:
+                stale[stage] = diff
+            else:
+                current[stage] = info
+        if stale:
+            lines += ["## Stale stages", "",
+                      "These stages ran with a different config; their results are left out below. "
+                      "Rerun them (`rayembed pipeline --stages ...` or `pipeline.force=true`).", ""]
+            lines += [f"- {stage}: {', '.join(diff)} changed" for stage, diff in stale.items()] + [""]
+        stage_rows = [f"| {stage} | {info.get('seconds', '')} |" for stage, info in current.items()]
         if stage_rows:
             lines += ["| stage | seconds |", "|---|---|", *stage_rows, ""]
-        synth = self.done("synth")
+        synth = current.get("synth")
         if synth:
             lines += ["## Synthetic data", "",
                       f"{synth.get('accepted')} examples accepted, {synth.get('rejected')} rejected, "
                       f"from {synth.get('requests')} requests. Rejections by reason: "
                       f"`{json.dumps(synth.get('rejected_by_reason', {}))}`.", ""]
-        data = self.done("data")
+        data = current.get("data")
         if data:
             lines += ["## Training mix", "", f"Manifest: `{data['manifest']}`", "",
                       "```json", json.dumps(data.get("rows", {}), indent=2), "```", ""]
-        train = self.done("train")
+        train = current.get("train")
         if train:
             lines += ["## Training", "", f"Saved embedder: `{train['embedder']}`", ""]
-            curve = next(iter(sorted(Path(train["output"]).rglob("loss_curve.png"))), None)
-            if curve:
-                lines += [f"![loss curve]({curve.relative_to(self.run)})", ""]
-        index = self.done("index")
+            if self.store.exists("train/loss_curve.png"):
+                lines += ["![loss curve](train/loss_curve.png)", ""]
+        index = current.get("index")
         if index:
             lines += ["## Indexes", ""] + [f"- {k}: `{v}`" for k, v in index["indexes"].items()] + [""]
-        ev = self.done("eval")
+        ev = current.get("eval")
         if ev:
             lines += ["## Retrieval quality", "", ev["table"], ""]
-            png = self.stage_dir("eval") / "ndcg.png"
-            if png.exists():
-                lines += [f"![nDCG@10 per model]({png.relative_to(self.run)})", ""]
-        serve = self.done("serve")
+            if self.store.exists("eval/ndcg.png"):
+                lines += ["![nDCG@10 per model](eval/ndcg.png)", ""]
+        serve = current.get("serve")
         if serve:
             lines += ["## Endpoint", ""]
             for a in serve["answers"]:
                 top = a["hits"][0] if a["hits"] else {}
                 lines.append(f"- `{a['query']}` ({a['ms']} ms): [{top.get('doc_id')}] {str(top.get('text', ''))[:100]}")
             lines.append("")
-        return atomic_write_text(self.run / "report.md", "\n".join(lines))
+        text = "\n".join(lines)
+        if not self.remote:
+            return str(atomic_write_text(self.run / "report.md", text))
+        return self.store.write_bytes("report.md", text.encode())
 
 
-def run_pipeline(cfg: RayembedConfig, stages: list[str] | None = None, *, force: bool | None = None) -> Path:
-    """Run ``stages`` (default: ``cfg.pipeline.stages``); returns the path of report.md."""
+def run_pipeline(cfg: RayembedConfig, stages: list[str] | None = None, *, force: bool | None = None) -> str:
+    """Run ``stages`` (default: ``cfg.pipeline.stages``); returns where report.md is (a local path
+    or a URI, as run_dir)."""
     explicit = stages is not None
     return Pipeline(cfg).run_stages(
         list(stages or cfg.pipeline.stages),

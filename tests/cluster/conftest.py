@@ -10,8 +10,9 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def token_cluster(tmp_path_factory):
-    """A one-node Ray cluster with token auth on (token in its own file, never ~/.ray)."""
+def token_cluster(s3_store, tmp_path_factory):
+    """A one-node Ray cluster with token auth on (token in its own file, never ~/.ray). Its node
+    has the S3 server's endpoint and credentials in its environment, as a cluster's nodes would."""
     from rayembed.cluster.local import LocalCluster
 
     token_file = tmp_path_factory.mktemp("auth") / "auth_token"
@@ -27,7 +28,13 @@ def token_cluster(tmp_path_factory):
 @pytest.fixture
 def train_rows(data_dir, tmp_path) -> Path:
     """32 training rows in one Parquet file."""
-    return _write_train_rows(data_dir, tmp_path / "mix", 32)
+    return write_train_rows(data_dir, tmp_path / "mix", 32)
+
+
+@pytest.fixture
+def rows_writer(data_dir):
+    """``write(out, n_rows, n_files)``: training rows from real passages, in ``n_files`` Parquet files."""
+    return lambda out, n_rows, n_files=1: write_train_rows(data_dir, out, n_rows, n_files)
 
 
 @pytest.fixture
@@ -36,8 +43,9 @@ def tiny_corpus(data_dir, tmp_path) -> Path:
     return _write_corpus(data_dir, tmp_path / "corpus" / "corpus.jsonl", 120)
 
 
-def _write_train_rows(data_dir: Path, out: Path, n_rows: int) -> Path:
-    """Unified-schema rows from real MS MARCO passages: first sentence -> rest, another passage as negative."""
+def write_train_rows(data_dir: Path, out: Path, n_rows: int, n_files: int = 1) -> Path:
+    """Unified-schema rows from real MS MARCO passages: first sentence -> rest, another passage as
+    negative; in ``n_files`` Parquet files."""
     from rayembed.data.schema import make_row, to_table
     from rayembed.io import atomic_write_parquet
 
@@ -56,7 +64,9 @@ def _write_train_rows(data_dir: Path, out: Path, n_rows: int) -> Path:
         for i, (h, r) in enumerate(pairs[:n_rows])
     ]
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_parquet(out / "part-00000.parquet", to_table(rows))
+    per = (len(rows) + n_files - 1) // n_files
+    for k in range(n_files):
+        atomic_write_parquet(out / f"part-{k:05d}.parquet", to_table(rows[k * per:(k + 1) * per]))
     return out
 
 
