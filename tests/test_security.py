@@ -45,3 +45,27 @@ def test_secrets_are_redacted_from_configs_and_text(tmp_path):
     }
     msg = redact_text("failed with Authorization: Bearer planted-secret-value-42 and sk-abcdefghijklmnop")
     assert "planted-secret-value-42" not in msg and "sk-abcdefghijklmnop" not in msg
+
+
+def test_a_log_call_that_cannot_be_formatted_is_still_redacted(capsys):
+    """A wrong format string must not carry its (secret) arguments to stderr unredacted."""
+    import io
+    import logging
+
+    from rayembed.security import RedactingFilter
+
+    secret = "tok-unformattable-0123456789abcdef"
+    register_secret(secret)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    log = logging.getLogger("rayembed.test.redaction")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("connecting with %d", secret)  # %d of a string: formatting raises
+    finally:
+        log.removeHandler(handler)
+    out = stream.getvalue() + capsys.readouterr().err
+    assert secret not in out
+    assert "connecting with %d [unformattable log call (TypeError" in out and REDACTED in out

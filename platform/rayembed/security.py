@@ -71,7 +71,13 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             msg = record.getMessage()
-        except Exception:
+        except Exception as e:  # noqa: BLE001 - a bad format string must not carry its arguments out unredacted
+            # The handler would fail the same way and print the raw arguments to stderr; replace
+            # the record with a redacted message that says what went wrong instead.
+            record.msg = redact_text(
+                f"{record.msg} [unformattable log call ({type(e).__name__}: {e}); arguments: {record.args!r}]"
+            )
+            record.args = None
             return True
         clean = redact_text(msg)
         if clean != msg:

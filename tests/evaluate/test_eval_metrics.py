@@ -64,3 +64,14 @@ def test_spearman_matches_hand_value():
     assert spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
     with pytest.raises(ValueError, match="equally long"):
         spearman([1, 2], [1, 2, 3])
+
+
+def test_correlation_of_constant_scores_is_nan_not_zero():
+    """A model that gives every pair the same score has no ranking: NaN, never a measured 0.0."""
+    import math
+
+    from rayembed.evaluate.metrics import pearson
+
+    assert math.isnan(spearman([0.5, 0.5, 0.5], [1.0, 2.0, 3.0]))
+    assert math.isnan(pearson([0.5, 0.5, 0.5], [1.0, 2.0, 3.0]))
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)

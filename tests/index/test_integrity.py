@@ -162,3 +162,31 @@ def test_empty_documents_are_counted_and_skipped(tmp_path):
     assert [d["doc_id"] for d in idx.get_documents([0, 1])] == ["a", "c"]
     with pytest.raises(ValueError, match="no non-empty documents"):
         build_with_encoder(encode, {"path": "x"}, 4, docs[1:2], tmp_path / "none")
+
+
+def test_a_truncated_shard_write_is_never_recorded(vectors, tmp_path, monkeypatch):
+    """A full disk: FAISS only prints its fclose error and leaves a short file. The build checks
+    the size and re-reads the file before naming it, so the shard is neither kept nor recorded,
+    and the next build writes it again."""
+    import faiss
+
+    x, _ = vectors
+    x = x[:400]
+    out = tmp_path / "idx"
+    real_write = faiss.write_index
+
+    def disk_full_on_shard_1(index, where):
+        real_write(index, where)
+        if isinstance(where, str) and "shard-00001" in os.path.basename(where):
+            os.truncate(where, os.path.getsize(where) // 2)  # what ENOSPC at fclose leaves behind
+
+    monkeypatch.setattr(faiss, "write_index", disk_full_on_shard_1)
+    with pytest.raises(IndexIntegrityError, match=r"shard-00001.*truncated \(is the disk full\?\)"):
+        build_index_from_vectors(x, out, index_type="flat", num_shards=4)
+    monkeypatch.undo()
+    assert not [p.name for p in (out / "shards").iterdir() if "shard-00001" in p.name]
+    rebuilt: list[str] = []
+    m = build_index_from_vectors(x, out, index_type="flat", num_shards=4, on_shard=lambda s: rebuilt.append(s["file"]))
+    assert "shards/shard-00001.faiss" in rebuilt
+    _, ids = ShardedIndex.open(m).search(x[[150, 399]], 1)
+    assert ids[:, 0].tolist() == [150, 399]

@@ -121,3 +121,50 @@ def test_ivf_pq_builds_and_searches(vectors, tmp_path):
     _, ids = idx.search(x[:20], 10, nprobe=8)
     _, truth = brute_force(x, x[:20], 10)
     assert recall(ids, truth) >= 0.3  # 4-byte codes of 32-d vectors: coarse by design
+
+
+def _ivf(x):
+    import faiss
+
+    ivf = faiss.index_factory(x.shape[1], "IVF8,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    ivf.add(x)
+    return ivf
+
+
+def test_nprobe_reaches_every_ivf_inside_shards_and_replicas(vectors):
+    """What index_cpu_to_all_gpus returns with several GPUs: nprobe must reach each member."""
+    import faiss
+
+    from rayembed.index.faiss_util import set_search_params
+
+    x, _ = vectors
+    ivf, d = _ivf(x[:400]), x.shape[1]
+    shards, replicas = faiss.IndexShards(d, True, False), faiss.IndexReplicas(d, True)
+    members = [faiss.clone_index(ivf) for _ in range(4)]  # kept alive: the wrappers do not own them
+    shards.add_shard(members[0])
+    shards.add_shard(members[1])
+    replicas.add_replica(members[2])
+    replicas.add_replica(members[3])
+    for wrapper in (shards, replicas):
+        set_search_params(wrapper, nprobe=5)
+        assert [faiss.extract_index_ivf(wrapper.at(i)).nprobe for i in range(wrapper.count())] == [5, 5]
+    set_search_params(faiss.IndexIDMap(faiss.IndexFlatIP(d)), nprobe=5)  # no nprobe to set: left alone
+
+
+@pytest.mark.gpu
+def test_gpu_ivf_searches_with_the_nprobe_asked_for(vectors):
+    import faiss
+
+    from rayembed.index.faiss_util import set_search_params, to_gpu
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        pytest.skip("this faiss build has no GPU support (pip uninstall faiss-cpu; pip install faiss-gpu-cu12)")
+    x, q = vectors
+    cpu = _ivf(x[:400])
+    gpu = to_gpu(cpu, "true")
+    assert "Gpu" in type(gpu).__name__ or isinstance(gpu, (faiss.IndexReplicas, faiss.IndexShards))
+    for nprobe in (1, 8):
+        set_search_params(cpu, nprobe=nprobe)
+        set_search_params(gpu, nprobe=nprobe)
+        assert np.array_equal(cpu.search(q[:20], 5)[1], gpu.search(q[:20], 5)[1]), nprobe

@@ -13,7 +13,7 @@ Example::
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -80,12 +80,17 @@ def spearman(predicted, gold) -> float:
         raise ValueError(
             f"spearman needs two equally long score lists of at least 2, got {predicted.shape} and {gold.shape}."
         )
-    rho = spearmanr(predicted, gold).statistic
-    return float(rho) if not math.isnan(rho) else 0.0
+    # NaN when either list is constant (no ranking to correlate): reported as NaN, never as 0.0,
+    # which would read as a measured "no correlation".
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns about constant input; the NaN says it
+        return float(spearmanr(predicted, gold).statistic)
 
 
 def pearson(predicted, gold) -> float:
+    """Pearson correlation; NaN when either list is constant (see :func:`spearman`)."""
     from scipy.stats import pearsonr
 
-    r = pearsonr(np.asarray(predicted, dtype=float), np.asarray(gold, dtype=float)).statistic
-    return float(r) if not math.isnan(r) else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(pearsonr(np.asarray(predicted, dtype=float), np.asarray(gold, dtype=float)).statistic)

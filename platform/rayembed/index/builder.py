@@ -46,7 +46,7 @@ from rayembed.index.corpus import (
     normalize,
     resolve_corpus,
 )
-from rayembed.index.faiss_util import METRIC, IndexSpec, new_index, train_index
+from rayembed.index.faiss_util import METRIC, IndexSpec, new_index, train_index, write_index_verified
 from rayembed.index.lexical import (
     BM25Params,
     MultivectorEncodeFn,
@@ -180,10 +180,9 @@ def read_docs_part(root: Path, shard: dict[str, Any], columns: list[str] | None 
 
 
 def _write_faiss(index, path: Path) -> None:
-    import faiss
-
+    """Write, verify (size and a re-read), then rename into place: a truncated file never gets a name."""
     with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
+        write_index_verified(index, tmp)
 
 
 def read_faiss(path: Path, *, what: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -164,17 +165,77 @@ def inner_index(index):
 
 def set_search_params(index, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
     """Set nprobe (IVF) and efSearch (HNSW) on ``index`` in place; other types ignore them."""
-    import faiss
 
     if nprobe is not None:
-        try:
-            faiss.extract_index_ivf(index).nprobe = int(nprobe)
-        except RuntimeError:
-            try:  # GPU IVF
-                faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
-            except (AttributeError, RuntimeError):
-                pass
+        _set_nprobe(index, int(nprobe))
     if ef_search is not None:
         inner = inner_index(index)
         if hasattr(inner, "hnsw"):
             inner.hnsw.efSearch = int(ef_search)
+
+
+def _set_nprobe(index, nprobe: int) -> None:
+    """nprobe on every IVF index inside ``index``: CPU or GPU, alone or in replicas/shards (what
+    ``index_cpu_to_all_gpus`` returns with several GPUs). Types without nprobe (flat, HNSW) are
+    left alone; a GPU IVF index that refuses it raises, never silently searching with another."""
+    import faiss
+
+    idx = faiss.downcast_index(index) if not type(index).__name__.startswith("Gpu") else index
+    if isinstance(idx, (faiss.IndexReplicas, faiss.IndexShards)):
+        for i in range(idx.count()):
+            _set_nprobe(idx.at(i), nprobe)
+        return
+    try:
+        faiss.extract_index_ivf(idx).nprobe = nprobe
+        return
+    except RuntimeError:
+        pass
+    name = type(idx).__name__
+    if name.startswith("Gpu") and "IVF" in name:
+        faiss.GpuParameterSpace().set_index_parameter(idx, "nprobe", nprobe)
+
+
+def serialized_size(index) -> int:
+    """Bytes ``faiss.write_index`` produces for ``index``, counted without keeping them."""
+    import faiss
+
+    total = 0
+
+    def count(data: bytes) -> int:
+        nonlocal total
+        total += len(data)
+        return len(data)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    return total
+
+
+def write_index_verified(index, path: str | os.PathLike) -> None:
+    """``faiss.write_index`` to ``path``, then prove the file whole before anyone records it.
+
+    FAISS only prints an ``fclose`` error (a full disk shows up there), so a truncated file can
+    look written. The file must have exactly the serialized size and read back with the same
+    number of vectors; otherwise :class:`IndexIntegrityError` names the file and the likely cause.
+    """
+    import faiss
+
+    from rayembed.index.manifest import IndexIntegrityError
+
+    path = os.fspath(path)
+    faiss.write_index(index, path)
+    expected, size = serialized_size(index), os.path.getsize(path)
+    if size != expected:
+        raise IndexIntegrityError(
+            f"FAISS wrote {size} of {expected} bytes to {path}: the file is truncated (is the disk "
+            "full?). Free space and run the build again; finished shards are kept."
+        )
+    try:
+        back = faiss.read_index(path)
+    except RuntimeError as e:
+        raise IndexIntegrityError(f"{path} cannot be read back after writing ({str(e).splitlines()[0]}); "
+                                  "check the disk and run the build again.") from e
+    if back.ntotal != index.ntotal or back.d != index.d:
+        raise IndexIntegrityError(
+            f"{path} reads back as {back.ntotal} vectors of dim {back.d}, but {index.ntotal} of dim "
+            f"{index.d} were written; check the disk and run the build again."
+        )

@@ -61,7 +61,7 @@ from rayembed.index.corpus import (
     read_smart,
     resolve_corpus,
 )
-from rayembed.index.faiss_util import METRIC, IndexSpec, new_index, train_index
+from rayembed.index.faiss_util import METRIC, IndexSpec, new_index, train_index, write_index_verified
 from rayembed.index.lexical import (
     BM25_DIR,
     MULTIVECTOR_DIR,
@@ -337,7 +337,6 @@ class ShardActor:
 
     def build_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
         """Read, encode and write one shard (docs, FAISS, parts, then the sidecar); return the sidecar."""
-        import faiss
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -361,7 +360,7 @@ class ShardActor:
             vectors = self._encode(texts)
             index = self._empty_index()
             index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
-            faiss.write_index(index, str(root / shard["file"]))
+            write_index_verified(index, root / shard["file"])  # size + re-read before upload
             side: dict[str, Any] = {k: shard[k] for k in ("index", "file", "rows", "id_start", "id_end")}
             side.update(_file_record(root, root / shard["file"]))
             side["docs"] = _file_record(root, root / _docs_name(i))
@@ -797,7 +796,6 @@ def _shard_parts(done: dict[int, dict[str, Any]], plan: dict[str, Any], parts: t
 def _train(cfg: Any, out: Any, plan: dict[str, Any], spec: IndexSpec, dim: int, actor_kwargs: dict[str, Any],
            traffic: DriverTraffic) -> dict[str, Any]:
     """Encode a seeded sample on the actor pool, train the empty index on it, write ``trained.index``."""
-    import faiss
     import ray.data
 
     n = plan["ntotal"]
@@ -823,7 +821,7 @@ def _train(cfg: Any, out: Any, plan: dict[str, Any], spec: IndexSpec, dim: int, 
     train_index(index, vectors, cfg.index.use_gpu)
     with tempfile.TemporaryDirectory() as d:
         local = Path(d) / TRAINED
-        faiss.write_index(index, str(local))
+        write_index_verified(index, local)
         rec = _file_record(Path(d), local)
         out.put_file(local, TRAINED)
     logger.info("Trained %s on %d vectors in %.1fs", spec.factory_string(), len(vectors), time.perf_counter() - t)
