@@ -229,7 +229,14 @@ def test_killed_replica_is_replaced(http):
 
     before = encoder_replicas()
     assert len(before) == 1
+    assert http.get("/healthz").json()["status"] == "ok"
     ray.kill(ray.get_actor(next(iter(before)), namespace="serve"), no_restart=True)
+    # /healthz reflects the dead encoder (503) until its replacement answers.
+    health, deadline = [], time.monotonic() + 90
+    while time.monotonic() < deadline and not (503 in health and health[-1] == 200):
+        health.append(http.get("/healthz", timeout=10).status_code)
+        time.sleep(0.1)
+    assert 503 in health and health[-1] == 200, health
     deadline = time.monotonic() + 90
     ok = 0
     while time.monotonic() < deadline and ok < 3:
