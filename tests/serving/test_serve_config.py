@@ -23,6 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
         ("serve.encoder.max_replicas=0", r"serve.encoder.max_replicas=0 must be >= 1"),
         ("serve.retriever.num_cpus=0", r"serve.retriever reserves no CPU and no GPU"),
         ("serve.encoder.max_ongoing_requests=4", r"below serve.max_batch_size"),
+        ("serve.max_batch_chars=100", r"max_batch_chars=100 is below serve.max_input_chars"),
+        ("serve.max_concurrent_requests=100", r"exceeds serve.retriever.max_ongoing_requests=128"),
+        ("serve.encoder.max_queued_requests=0", r"max_queued_requests must be >= 1, or -1"),
+        ("serve.request_timeout_s=0", r"serve.request_timeout_s must be a positive number"),
     ],
 )
 def test_bad_serve_config(override, match):
@@ -97,3 +101,14 @@ def test_serve_command_parses():
     args = parser.parse_args(["serve", "--index-dir", "runs/x/index", "--port", "8123", "serve.max_k=5"])
     assert args.func is serve.run and args.port == 8123 and args.overrides == ["serve.max_k=5"]
     assert args.host is None  # the config's 127.0.0.1 applies
+
+
+def test_batches_close_at_the_text_or_the_character_budget():
+    from rayembed.serving.encoder import _BUDGET, batch_cost
+
+    _BUDGET.update(texts=32, chars=1000)
+    assert batch_cost([("short", None)] * 10) == 10  # counted by texts
+    assert batch_cost([("x" * 500, None), ("y", None)]) == 17  # 501 of 1000 characters: 17 of 32 slots
+    assert batch_cost([("x" * 1000, None)]) == 32  # one input at the limit fills a batch alone
+    opts = load_config(None, ["serve.retriever.max_queued_requests=8"]).serve.retriever.serve_options()
+    assert opts["max_queued_requests"] == 8

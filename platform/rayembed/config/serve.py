@@ -167,6 +167,11 @@ class ServeConfig:
         "The key itself never goes in a config.",
     )
     max_batch_size: int = option(32, "Most queries encoded in one forward pass (texts).")
+    max_batch_chars: int = option(
+        65536,
+        "Most characters of query text in one forward pass: a batch closes at this or at max_batch_size, "
+        "whichever comes first, so long inputs do not stall many short ones. At least max_input_chars.",
+    )
     batch_wait_timeout_s: float = option(
         0.003, "Seconds the encoder waits for more queries before running a partial batch."
     )
@@ -248,6 +253,11 @@ class ServeConfig:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ConfigError(f"serve.{key} must be >= 1 or empty, got {v}.")
+        if self.max_batch_chars < self.max_input_chars:
+            raise ConfigError(
+                f"serve.max_batch_chars={self.max_batch_chars} is below serve.max_input_chars={self.max_input_chars}; "
+                "one accepted input would not fit in a batch. Raise max_batch_chars."
+            )
         if self.max_waiting_requests < 0:
             raise ConfigError(f"serve.max_waiting_requests must be >= 0, got {self.max_waiting_requests}.")
         for key in ("queue_timeout_s", "request_timeout_s", "health_timeout_s"):

@@ -9,6 +9,7 @@ thread, never on the replica's event loop.
 # No ``from __future__ import annotations``: Serve reads the deployment signatures at runtime.
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -92,6 +93,22 @@ def _batch_histogram():
         return None
 
 
+# The batch budget of this replica (set by QueryEncoder.__init__ from serve.max_batch_size and
+# serve.max_batch_chars): a batch closes at whichever it reaches first.
+_BUDGET = {"texts": 32, "chars": 1 << 16}
+
+
+def batch_cost(items: list) -> int:
+    """Cost of a batch in "texts": its count, or its share of the character budget if larger.
+
+    ``@serve.batch`` closes a batch before its cost passes ``max_batch_size``, so a few long
+    inputs do not ride with many short ones (as TEI's ``--max-batch-tokens``); characters stand
+    in for tokens so that no tokenising happens on the event loop.
+    """
+    chars = sum(len(text) for text, _ in items)
+    return max(len(items), math.ceil(_BUDGET["texts"] * chars / _BUDGET["chars"]))
+
+
 def encode_isolated(encode_items, items: list) -> list:
     """``encode_items(items)`` as a list of rows; if it raises, each item alone (ItemError where it fails)."""
     try:
@@ -130,16 +147,18 @@ class QueryEncoder:
         self.embedder_path = embedder
         self.emb = Embedder.from_pretrained(embedder)
         self._identity = self.emb.identity()
+        _BUDGET.update(texts=cfg.max_batch_size, chars=cfg.max_batch_chars)
         self._encode_batch.set_max_batch_size(cfg.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.stats_ = BatchStats()
         self._metric = _batch_histogram()
         logger.info(
-            "QueryEncoder ready in %.1f s: %s (dim %d), max_batch_size %d, batch_wait_timeout_s %.4f",
-            time.perf_counter() - t0, embedder, self.emb.dim, cfg.max_batch_size, cfg.batch_wait_timeout_s,
+            "QueryEncoder ready in %.1f s: %s (dim %d), max_batch_size %d, max_batch_chars %d, "
+            "batch_wait_timeout_s %.4f", time.perf_counter() - t0, embedder, self.emb.dim, cfg.max_batch_size,
+            cfg.max_batch_chars, cfg.batch_wait_timeout_s,
         )
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.003)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.003, batch_size_fn=batch_cost)
     async def _encode_batch(self, items: list[tuple[str, str | None]]) -> list:
         t0 = time.perf_counter()
         rows = await asyncio.to_thread(encode_isolated, self._encode_items, items)
