@@ -1,6 +1,7 @@
 """The proof: a real `ray start --head` cluster on 127.0.0.1 (token auth on), a tiny training job
 and a tiny index job sent with `rayembed submit` (which runs `ray job submit`), exactly as users
-do on a GPU cluster; then the artifacts are checked where the config said they land."""
+do on a GPU cluster; then the artifacts are checked where the config said they land: the model
+and the index in an S3 bucket (a real S3 server on 127.0.0.1), queried with `rayembed search`."""
 
 from __future__ import annotations
 
@@ -42,40 +43,46 @@ def test_submission_without_the_token_is_refused(token_cluster):
     assert "401" in proc.stderr or "uthenticat" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_train_then_index_jobs_through_ray_job_submit(token_cluster, train_rows, tiny_corpus, tmp_path):
+def test_train_then_index_jobs_through_ray_job_submit(token_cluster, s3_store, train_rows, tiny_corpus, tmp_path):
+    from rayembed.cluster.storage import resolve_storage
+
     run_dir = tmp_path / "run"
+    bucket = "s3://rayembed-test/jobs"
     proc = _submit(
         token_cluster, "train", "--config", "jobs/configs/local/train.yaml",
-        f"run_dir={run_dir}", "model.name_or_path=tiny-llama", "model.max_length=64",
-        "train.num_workers=1", "train.batch_size=4", "train.max_steps=2", "train.checkpoint_every=1",
-        "train.warmup_steps=1", "train.log_every=1", "train.query_max_length=32", "train.doc_max_length=48",
-        f"--job-arg=--train-path={train_rows}",
+        f"run_dir={run_dir}", f"train.output_dir={bucket}/train", "model.name_or_path=tiny-llama",
+        "model.max_length=64", "train.num_workers=1", "train.batch_size=4", "train.max_steps=2",
+        "train.checkpoint_every=1", "train.warmup_steps=1", "train.log_every=1", "train.query_max_length=32",
+        "train.doc_max_length=48", f"--job-arg=--train-path={train_rows}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout
     assert "follow logs: ray job logs" in proc.stdout
-    model_dir = run_dir / "train" / "model"
-    assert (model_dir / "embedder_config.json").is_file()
-    summary = json.loads((run_dir / "train" / "summary.json").read_text())
+    train = resolve_storage(f"{bucket}/train")
+    assert train.exists("model/embedder_config.json") and train.exists("model/_COMPLETE.json")
+    summary = train.read_json("summary.json")
     assert summary["metrics"]["step"] == 2
-    # Ray Train's checkpoints went to the configured storage (default <output_dir>/ray), not a temp dir.
-    assert str(run_dir / "train" / "ray") in summary["checkpoint"]
-    assert (run_dir / "train" / "config.resolved.yaml").is_file()
+    # Ray Train's checkpoints went to the configured storage (default <output_dir>/ray) in the bucket.
+    assert "rayembed-test/jobs/train/ray" in summary["checkpoint"]
+    assert train.exists("config.resolved.yaml")
+    assert not run_dir.exists() or not any(run_dir.rglob("*.safetensors"))
 
     corpus = tiny_corpus
     proc = _submit(
         token_cluster, "index", f"run_dir={run_dir}", f"index.corpus={corpus}", "index.format=jsonl",
-        f"index.embedder={model_dir}", "index.index_type=flat", "index.shard_size=50",
-        "index.encode.max_actors=2", "index.encode.batch_size=32", "index.encode.rows_per_block=40",
+        f"index.embedder={bucket}/train/model", f"index.output_dir={bucket}/index", "index.index_type=flat",
+        "index.shard_size=50", "index.encode.max_actors=2", "index.encode.batch_size=32",
+        "index.encode.rows_per_block=40",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((run_dir / "index" / "manifest.json").read_text())
-    assert manifest["num_docs"] == 120 if "num_docs" in manifest else True
-    from rayembed.index import ShardedIndex
-    from rayembed.modeling.embedder import Embedder
+    manifest = resolve_storage(f"{bucket}/index").read_json("manifest.json")
+    assert manifest["ntotal"] == 120
+    assert [(s["id_start"], s["id_end"]) for s in manifest["shards"]] == [(0, 50), (50, 100), (100, 120)]
 
-    emb = Embedder.from_pretrained(model_dir)
-    idx = ShardedIndex.open(run_dir / "index" / "manifest.json", expected_embedder=emb)
-    text = json.loads(corpus.read_text().splitlines()[7])["text"]
-    scores, ids = idx.search(emb.encode_documents([text]), k=3)
-    assert int(ids[0][0]) == 7  # a document finds itself through the cluster-built index
+    # `rayembed search`, a fresh process, queries the index in the bucket: a document finds itself.
+    doc = json.loads(corpus.read_text().splitlines()[7])
+    proc = subprocess.run([RAYEMBED, "search", "--index", f"{bucket}/index", "-k", "3", "--json",
+                           "--query", doc["text"]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hits = json.loads(proc.stdout.strip().splitlines()[-1])["hits"]
+    assert hits[0]["doc_id"] == str(doc["_id"]), hits
