@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from conftest import API_KEY, Reply, synth_cfg
+from rayembed.config import ConfigError
 from rayembed.data.schema import SCHEMA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,3 +132,151 @@ def test_killed_run_resumes_to_the_same_rows(ray_local, scripted_llm, api_key, t
     assert not any(p.startswith("Think up") for p in again)  # brainstorms were cached
     assert len(again) == 24 - 3 * done  # finished chunks were not paid for again
     assert len(first_phase) >= 1 + 3 * done
+
+
+# ----------------------------------------------------------------------------- failures, fingerprint, commits
+
+
+def _fail_first(n: int, status: int = 401):
+    """A script failing the first request of the first ``n`` distinct prompts with ``status``."""
+    import threading
+
+    failing: set[str] = set()
+    lock = threading.Lock()
+
+    def script(prompt, attempt):
+        with lock:
+            if attempt == 1 and len(failing) < n:
+                failing.add(prompt)
+            if attempt == 1 and prompt in failing:
+                return Reply(status=status, error_message="invalid api key")
+        return None
+
+    return script
+
+
+def test_failed_requests_fail_the_run_and_are_sent_again_on_resume(ray_local, scripted_llm, api_key, tmp_path):
+    from rayembed.synth import run_synth
+    from rayembed.synth.pipeline import SynthFailed
+
+    scripted_llm.script = _fail_first(3)
+    cfg = synth_cfg(tmp_path, scripted_llm.base_url, "synth.num_examples={sts: 8}", "synth.chunk_size=4",
+                    "synth.max_failure_rate=0.25")
+    with pytest.raises(SynthFailed) as e:
+        run_synth(cfg)
+    msg = str(e.value)
+    assert f"3 of 8 requests failed at {scripted_llm.base_url}" in msg and "request_http_401 x3" in msg
+    assert "above synth.max_failure_rate=0.25" in msg and API_KEY not in msg
+    out = tmp_path / "synth"
+    assert len(read_rows(out)) == 5  # the answered requests are kept
+    assert not any("request_" in line for p in (out / "_rejects").glob("*.jsonl") for line in p.read_text().splitlines())
+
+    scripted_llm.reset()
+    scripted_llm.script = None  # the endpoint is fixed
+    s = run_synth(cfg)
+    assert len(scripted_llm.log) == 3  # only the failed requests were sent again
+    assert s["accepted"] == 8 and s["failed_requests"] == 0
+    rows = read_rows(out)
+    assert len(rows) == len({r["id"] for r in rows}) == 8
+
+
+@pytest.fixture
+def restore_root_logging():
+    """The CLI configures the root logger for stderr; put it back so later tests do not log to
+    this test's closed capture stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    if hasattr(root, "_rayembed_configured"):
+        del root._rayembed_configured
+
+
+def test_every_request_failing_exits_nonzero(ray_local, scripted_llm, api_key, tmp_path, capsys, restore_root_logging):
+    from rayembed.cli import main
+
+    scripted_llm.script = lambda prompt, attempt: Reply(status=401, error_message="invalid api key")
+    rc = main(["synth", f"run_dir={tmp_path}", f"synth.base_url={scripted_llm.base_url}", "synth.model=scripted",
+               "synth.num_examples={sts: 2}", "synth.max_failure_rate=1.0"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"2 of 2 requests failed at {scripted_llm.base_url}" in err and "every request failed" in err
+    assert API_KEY not in err
+    assert read_rows(tmp_path / "synth") == []
+
+
+def test_fingerprint_covers_every_setting_that_changes_rows(tmp_path):
+    from rayembed.synth.pipeline import _check_manifest, fingerprint
+
+    def fp(*overrides):
+        return fingerprint(synth_cfg(tmp_path, "http://127.0.0.1:1/v1", *overrides).synth, 0)
+
+    import dataclasses
+
+    from rayembed.config.synth import SynthConfig
+
+    base = fp()
+    changes = ["synth.temperature=0.7", "synth.top_p=0.9", "synth.min_document_words=3", "synth.max_text_chars=500",
+               "synth.source_name=mine", "synth.long_long_min_words=50", "synth.max_tokens=64"]
+    if "structured_output" in SynthConfig.__dataclass_fields__:
+        changes.append("synth.structured_output=json_object")
+    for changed in changes:
+        assert fp(changed)["fingerprint"] != base["fingerprint"], changed
+    # A key added to the section later is covered without touching the fingerprint code.
+
+    Extended = dataclasses.make_dataclass("Extended", [("new_knob", int, 1)], bases=(SynthConfig,))
+    assert fingerprint(Extended(new_knob=2), 0)["fingerprint"] != fingerprint(Extended(), 0)["fingerprint"]
+    for same in ("synth.num_actors=3", "synth.request_timeout_s=9", "synth.base_url=http://127.0.0.1:2/v1",
+                 "synth.api_key=sk-other-0123456789abcdef", "synth.max_failure_rate=0.9", "synth.max_in_flight=2"):
+        assert fp(same)["fingerprint"] == base["fingerprint"], same
+    _check_manifest(tmp_path / "o", base, overwrite=False)
+    with pytest.raises(ConfigError, match=r"changed: temperature"):
+        _check_manifest(tmp_path / "o", fp("synth.temperature=0.7"), overwrite=False)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("when", ["before_marker", "before_rename"])
+def test_a_shard_is_visible_only_once_committed(ray_local, scripted_llm, api_key, tmp_path, monkeypatch, when):
+    """A kill between a shard's write and its commit never leaves a shard that readers see
+    without its marker; the next run finishes or redoes that chunk, to the same rows."""
+    import rayembed.io
+    from rayembed.synth import run_synth
+
+    common = ["synth.num_examples={sts: 8}", "synth.chunk_size=4", "synth.num_actors=1",
+              "synth.chunks_in_flight_per_actor=1"]
+    out = tmp_path / "run" / "synth"
+    real_json, real_replace = rayembed.io.atomic_write_json, os.replace
+
+    def write_json(path, obj, **kw):
+        if when == "before_marker" and Path(path).name == "generate-part-00001.json":
+            raise Killed(path)
+        return real_json(path, obj, **kw)
+
+    def replace(src, dst):
+        if when == "before_rename" and Path(dst).name == "part-00001.parquet" and Path(dst).parent == out:
+            raise Killed(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(rayembed.io, "atomic_write_json", write_json)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        run_synth(synth_cfg(tmp_path / "run", scripted_llm.base_url, *common))
+    monkeypatch.undo()
+    assert [p.name for p in out.glob("part-*.parquet")] == ["part-00000.parquet"]
+    committed = read_rows(out)
+    assert len(pads.dataset(str(out), format="parquet").to_table()) == 4  # what a reader of the folder sees
+    scripted_llm.reset()
+    resumed = run_synth(synth_cfg(tmp_path / "run", scripted_llm.base_url, *common))
+    rows = read_rows(out)
+    assert len(rows) == len({r["id"] for r in rows}) == resumed["accepted"] == 8
+    assert rows[:4] == committed  # chunk 0 untouched
+    # Uncommitted: chunk 1 is sent again. Committed but not yet renamed: finished without a request.
+    assert len(scripted_llm.log) == (4 if when == "before_marker" else 0)

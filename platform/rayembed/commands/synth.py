@@ -25,11 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
 
     from rayembed.cli import load_from_args
     from rayembed.synth import run_synth
+    from rayembed.synth.pipeline import SynthFailed
 
     cfg = load_from_args(args)
-    summary = run_synth(cfg)
+    try:
+        summary = run_synth(cfg)
+    except SynthFailed as e:  # the message names the endpoint, never the key
+        print(f"rayembed synth: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0

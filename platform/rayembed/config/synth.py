@@ -147,6 +147,12 @@ class SynthConfig:
     max_cost_usd: float | None = option(
         None, "Stop starting new chunks once this much is spent (USD; needs price_table). Empty: no budget."
     )
+    max_failure_rate: float = option(
+        0.5,
+        "Fail the run when more than this fraction of its requests failed (HTTP errors after retries, "
+        "endpoint down); a run where every request failed always fails. Failed requests are sent again "
+        "by the next run.",
+    )
     # --- distribution and output
     num_actors: int = option(1, "Client actors in the Ray Data pool.")
     actor_num_cpus: float = option(0.25, "CPUs reserved per client actor (I/O-bound; fractions are fine).")
@@ -214,5 +220,7 @@ class SynthConfig:
                 f"synth.max_cost_usd is set but synth.price_table has no entry for model {self.model!r}; "
                 f"add price_table.{self.model}={{input: ..., output: ...}} (USD per 1M tokens)."
             )
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ConfigError(f"synth.max_failure_rate={self.max_failure_rate} must lie in [0, 1] (0.5: half).")
         if self.long_long_min_words < 1 or self.min_document_words < 0:
             raise ConfigError("synth.long_long_min_words must be >= 1 and min_document_words >= 0.")

@@ -6,15 +6,24 @@ Layout of ``output_dir`` (files starting with ``_`` are ignored by Parquet datas
     part-00000.parquet ...      accepted rows, unified schema, one shard per chunk of specs
     _rejects/<stage>-part-*.jsonl   every rejected reply with its reason (secrets redacted)
     _brainstorm/part-*.json     brainstormed task lists (cached: never asked for twice)
-    _progress/part-*.json       per-chunk stats; written last, so its presence means "done"
+    _pending/part-*.parquet     a shard being committed (never read as data)
+    _progress/<stage>-part-*.json   per-chunk stats, the sha256 of its shard, and the specs whose
+                                request failed; its presence means "committed"
     _manifest.json              fingerprint of the generation config this folder belongs to
     _summary.json               the end-of-run summary
 
 Resuming: spec ids and prompts are pure functions of the seed and config; specs are cut into
-fixed chunks; the driver commits chunks strictly in order (rejects, shard, then progress
-marker, each atomic). The committed chunks therefore always form a prefix, and a restarted run
-skips that prefix, rebuilds its dedup state from those shards, and continues. A killed run
-loses at most the chunks that were in flight, and never writes a row twice.
+fixed chunks; the driver commits chunks in order: rejects, the shard to ``_pending/``, the
+progress marker (naming the shard's sha256), then the shard renamed into place. A shard is
+therefore visible to readers only once committed, and a restart finishes (or discards) a
+commit a kill interrupted. A request that failed (HTTP error after retries, endpoint down) is
+not a reject: its spec is recorded in the chunk's marker and sent again by the next run, whose
+new rows join that chunk's shard. A restarted run skips finished chunks, rebuilds its dedup state
+from the committed shards, and continues; it never writes a row twice.
+
+A run fails (:class:`SynthFailed`, naming the endpoint) when more than
+``synth.max_failure_rate`` of its requests failed, when every request failed, or when a
+brainstorm request failed (generation needs every task list).
 """
 
 from __future__ import annotations
@@ -99,25 +108,45 @@ def validation_settings(sc) -> dict[str, Any]:
     }
 
 
+# ``synth`` keys that provably leave the rows unchanged: where output goes, the secret, which
+# endpoint serves the model (fixing a broken endpoint must not refuse the resume), traffic
+# control, budget and failure policy. Every other key, including any added later, is part of the
+# fingerprint.
+NON_ROW_KEYS = frozenset({
+    "output_dir", "overwrite", "api_key", "api_key_env", "base_url", "launch_local_llm",
+    "max_in_flight", "requests_per_minute", "tokens_per_minute", "request_timeout_s", "max_attempts",
+    "backoff_base_s", "backoff_max_s", "max_retry_after_s", "price_table", "max_cost_usd", "max_failure_rate",
+    "num_actors", "actor_num_cpus", "chunks_in_flight_per_actor",
+})
+# synth.llm_server keys that only place or guard the local server (the rest shape its replies).
+NON_ROW_SERVER_KEYS = frozenset({
+    "host", "port", "route_prefix", "app_name", "num_cpus", "num_gpus", "num_replicas", "api_key_env",
+    "api_key_file", "torch_threads", "batch_wait_timeout_s", "max_body_bytes",
+})
+
+
+def _canonical(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _canonical(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(v, (list, tuple)):
+        return [_canonical(x) for x in v]
+    return v
+
+
 def fingerprint(sc, seed: int) -> dict[str, Any]:
-    """Everything that changes which prompts are sent or how chunks are cut."""
-    fields = {
-        "prompt_version": PROMPT_VERSION,
-        "seed": seed,
-        "num_examples": dict(sorted(sc.num_examples.items())),
-        "tasks_per_brainstorm": sc.tasks_per_brainstorm,
-        "examples_per_task": sc.examples_per_task,
-        "english_share": sc.english_share,
-        "tier_weights": dict(sorted(sc.tier_weights.items())),
-        "language_weights": dict(sorted(sc.language_weights.items())),
-        "languages": sorted(sc.languages),
-        "long_long_min_words": sc.long_long_min_words,
-        "model": sc.model,
-        "max_tokens": sc.max_tokens,
-        "brainstorm_max_tokens": sc.brainstorm_max_tokens,
-        "json_mode": sc.json_mode,
-        "chunk_size": sc.chunk_size,
-    }
+    """Everything that changes the rows: the whole ``synth`` section minus :data:`NON_ROW_KEYS`."""
+    import dataclasses
+
+    fields: dict[str, Any] = {"prompt_version": PROMPT_VERSION, "seed": seed}
+    for k, v in dataclasses.asdict(sc).items():
+        if k in NON_ROW_KEYS or k == "seed":
+            continue
+        if k == "llm_server":
+            if not sc.launch_local_llm:
+                continue
+            v = {sk: sv for sk, sv in v.items() if sk not in NON_ROW_SERVER_KEYS}
+        fields[k] = _canonical(v)
+    fields["languages"] = sorted(sc.languages)
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return {"fingerprint": digest, "fields": fields}
 
@@ -208,12 +237,13 @@ class SynthWorker:
     async def _process(self, stage: str, specs: list[dict[str, Any]]) -> dict[str, Any]:
         t0 = time.monotonic()
         comps: list[Completion] = await asyncio.gather(
-            *(self.client.complete(s["prompt"], s["max_tokens"]) for s in specs)
+            *(self.client.complete(s["prompt"], s["max_tokens"], s.get("schema")) for s in specs)
         )
         stats = _empty_stats()
         stats["specs"] = len(specs)
         rows: list[dict[str, Any]] = []
         rejects: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
         tasks: dict[str, list[str]] = {}
         rejected = Counter()
         for spec, c in zip(specs, comps):
@@ -223,10 +253,12 @@ class SynthWorker:
             stats["prompt_tokens"] += c.prompt_tokens
             stats["completion_tokens"] += c.completion_tokens
             stats["cost_usd"] += c.cost_usd
+            if c.error:  # not the reply's fault: sent again by the next run, never a reject
+                stats["failed_requests"] += 1
+                failed.append({"spec_id": spec["id"], "reason": f"request_{c.error}",
+                               "detail": c.error_detail[:MAX_REPLY_CHARS_IN_REJECTS]})
+                continue
             try:
-                if c.error:
-                    stats["failed_requests"] += 1
-                    raise Rejected(f"request_{c.error}", c.error_detail)
                 if stage == "brainstorm":
                     tasks[spec["id"]] = parse_task_list(c.text or "", c.finish_reason)
                     stats["tasks"] += len(tasks[spec["id"]])
@@ -240,7 +272,7 @@ class SynthWorker:
         stats["rejected_by_reason"] = dict(rejected)
         stats["peak_in_flight"] = self.client.stats.peak_in_flight
         stats["elapsed_s"] = time.monotonic() - t0
-        return {"stage": stage, "rows": rows, "rejects": rejects, "tasks": tasks, "stats": stats}
+        return {"stage": stage, "rows": rows, "rejects": rejects, "tasks": tasks, "failed": failed, "stats": stats}
 
 
 def make_reject(stage, spec, reason, detail, text, finish_reason) -> dict[str, Any]:
@@ -262,6 +294,11 @@ def make_reject(stage, spec, reason, detail, text, finish_reason) -> dict[str, A
 # ------------------------------------------------------------------------------ the driver
 
 
+class SynthFailed(RuntimeError):
+    """Too many requests failed at the endpoint. Finished work is kept; the next run sends the
+    failed requests again. The message names the endpoint and the failure reasons, never a key."""
+
+
 class _Run:
     """State of one run_synth call: paths, budget, running totals."""
 
@@ -275,6 +312,8 @@ class _Run:
         self.stopped: str | None = None
         self.resumed_chunks = 0
         self.new_chunks = 0
+        self.sent = 0  # specs sent in this run, each counted once however many attempts it took
+        self.failed: Counter = Counter()  # this run's failed requests by reason
         self.this_run: dict[str, Any] = {"requests": 0, "accepted": 0, "commit_times": {}, "chunk_requests": {}}
 
     def over_budget(self) -> bool:
@@ -283,6 +322,20 @@ class _Run:
             self.stopped = f"budget reached: spent ${self.cost:.4f} of max_cost_usd=${b}"
             return True
         return False
+
+    def endpoint(self) -> str:
+        from rayembed.security import redact_text
+
+        return redact_text(str(self.settings.base_url or "https://api.openai.com/v1"))
+
+    def failure_message(self, what: str) -> str:
+        n = sum(self.failed.values())
+        reasons = ", ".join(f"{r} x{c}" for r, c in self.failed.most_common(5))
+        return (
+            f"synth: {n} of {self.sent} requests failed at {self.endpoint()} ({reasons}); {what}. Check "
+            "synth.base_url, the API key and the server's logs, then run the same command again: finished "
+            "chunks are kept and only the failed requests are sent again."
+        )
 
 
 def _chunk(specs: list[PromptSpec], size: int) -> list[list[PromptSpec]]:
@@ -293,27 +346,63 @@ def _marker(out: Path, stage: str, i: int) -> Path:
     return out / "_progress" / f"{stage}-part-{i:05d}.json"
 
 
-def _done_prefix(out: Path, stage: str, n: int) -> int:
-    k = 0
-    while k < n and _marker(out, stage, k).exists():
-        k += 1
-    return k
+def _part(out: Path, i: int) -> Path:
+    return out / f"part-{i:05d}.parquet"
+
+
+def _pending_part(out: Path, i: int) -> Path:
+    return out / "_pending" / f"part-{i:05d}.parquet"
+
+
+def _read_marker(out: Path, stage: str, i: int) -> dict[str, Any] | None:
+    """A chunk's commit record: {"stats", "failed": [spec ids with reasons], "part_sha256"}, or None."""
+    path = _marker(out, stage, i)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _is_done(marker: dict[str, Any] | None) -> bool:
+    return marker is not None and not marker.get("failed")
+
+
+def _folder_stats(out: Path, stage: str, n: int) -> dict[str, Any]:
+    """The stage's totals over every committed chunk (failed_requests: those still to send again)."""
+    totals = _empty_stats()
+    for i in range(n):
+        m = _read_marker(out, stage, i)
+        if m is not None:
+            totals = merge_stats(totals, m["stats"])
+    return totals
+
+
+def _cumulative(prev: dict[str, Any] | None, new: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any]:
+    """A chunk's stats after this attempt: counts add up; failed_requests is what is left to retry."""
+    st = merge_stats(prev["stats"], new) if prev else dict(new)
+    if prev:
+        st["specs"] = prev["stats"]["specs"]
+    st["failed_requests"] = len(failed)
+    return st
 
 
 def _run_stage(run: _Run, stage: str, specs: list[PromptSpec], commit) -> dict[str, Any]:
-    """Send every not-yet-committed chunk through the actor pool; commit results in order."""
+    """Send every chunk not yet done (all its specs, or only those whose request failed last
+    time) through the actor pool; commit results in chunk order."""
     chunks = _chunk(specs, run.sc.chunk_size)
-    done = _done_prefix(run.out, stage, len(chunks))
-    totals = _empty_stats()
-    for i in range(done):
-        st = json.loads(_marker(run.out, stage, i).read_text())
-        totals = merge_stats(totals, st)
-        run.cost += st.get("cost_usd", 0.0)
+    markers = [_read_marker(run.out, stage, i) for i in range(len(chunks))]
+    todo = [i for i, m in enumerate(markers) if not _is_done(m)]
+    done = len(chunks) - len(todo)
+    for m in markers:
+        if m is not None:
+            run.cost += m["stats"].get("cost_usd", 0.0)
     run.resumed_chunks += done
-    if done:
-        logger.info("%s: %d of %d chunks already done; resuming at chunk %d", stage, done, len(chunks), done)
-    totals["elapsed_s"] = 0.0
-    if done == len(chunks) or run.over_budget():
+    retry = sum(1 for i in todo if markers[i] is not None)
+    if done or retry:
+        logger.info("%s: %d of %d chunks already done; %d with failed requests to send again",
+                    stage, done, len(chunks), retry)
+    if not todo or run.over_budget():
+        totals = _folder_stats(run.out, stage, len(chunks))
+        totals["elapsed_s"] = 0.0
         return totals
     import ray
     from ray.data import ActorPoolStrategy
@@ -321,10 +410,13 @@ def _run_stage(run: _Run, stage: str, specs: list[PromptSpec], commit) -> dict[s
     from rayembed.runtime import init_ray
 
     init_ray(run.cfg.compute)
-    items = [
-        {"chunk_index": i, "stage": stage, "specs_json": json.dumps([s.to_dict() for s in chunks[i]])}
-        for i in range(done, len(chunks))
-    ]
+    items = []
+    for i in todo:
+        send = chunks[i]
+        if markers[i] is not None:
+            again = {f["spec_id"] for f in markers[i]["failed"]}
+            send = [s for s in chunks[i] if s.id in again]
+        items.append({"chunk_index": i, "stage": stage, "specs_json": json.dumps([s.to_dict() for s in send])})
     k = run.sc.chunks_in_flight_per_actor
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         SynthWorker,
@@ -345,27 +437,31 @@ def _run_stage(run: _Run, stage: str, specs: list[PromptSpec], commit) -> dict[s
     )
     t0 = time.monotonic()
     pending: dict[int, dict[str, Any]] = {}
-    next_i = done
+    pos = 0  # next position in todo to commit
     new = _empty_stats()
     it = ds.iter_rows()
     try:
         for row in it:
             res = json.loads(row["result"])
             pending[res["chunk_index"]] = res
-            while next_i in pending:
-                st = commit(next_i, pending.pop(next_i))
+            while pos < len(todo) and todo[pos] in pending:
+                i = todo[pos]
+                res = pending.pop(i)
+                st = commit(i, res, markers[i])
                 new = merge_stats(new, st)
+                run.sent += st["specs"]
+                run.failed.update(f["reason"] for f in res["failed"])
                 run.this_run["commit_times"].setdefault(stage, []).append(time.monotonic() - t0)
                 run.this_run["chunk_requests"].setdefault(stage, []).append(st["requests"])
                 run.cost += st.get("cost_usd", 0.0)
                 run.new_chunks += 1
-                next_i += 1
+                pos += 1
                 dt = max(time.monotonic() - t0, 1e-9)
                 logger.info(
-                    "%s: %d/%d chunks, %d requests (%.1f/s), %d accepted, %d rejected%s",
-                    stage, next_i, len(chunks), new["requests"], new["requests"] / dt,
+                    "%s: chunk %d (%d/%d), %d requests (%.1f/s), %d accepted, %d rejected, %d failed%s",
+                    stage, i, pos, len(todo), new["requests"], new["requests"] / dt,
                     new["accepted"] if stage == "generate" else new["tasks"], new["rejected"],
-                    f", ${run.cost:.4f}" if run.settings.price_in is not None else "",
+                    new["failed_requests"], f", ${run.cost:.4f}" if run.settings.price_in is not None else "",
                 )
                 if run.over_budget():
                     logger.warning("%s: stopping early, %s", stage, run.stopped)
@@ -376,7 +472,7 @@ def _run_stage(run: _Run, stage: str, specs: list[PromptSpec], commit) -> dict[s
         close = getattr(it, "close", None)
         if close:
             close()
-    totals = merge_stats(totals, new)
+    totals = _folder_stats(run.out, stage, len(chunks))
     totals["elapsed_s"] = time.monotonic() - t0
     run.this_run["requests"] += new["requests"]
     run.this_run["accepted"] += new["accepted"]
@@ -390,6 +486,12 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _brainstorm(run: _Run, seed: int) -> tuple[dict[str, list[str]], dict[str, Any]]:
     from rayembed.io import atomic_write_json
 
@@ -399,18 +501,30 @@ def _brainstorm(run: _Run, seed: int) -> tuple[dict[str, list[str]], dict[str, A
     )
     type_of = {s.id: s.task_type for s in specs}
 
-    def commit(i: int, res: dict[str, Any]) -> dict[str, Any]:
-        _write_jsonl(run.out / "_rejects" / f"brainstorm-part-{i:05d}.jsonl", res["rejects"])
-        atomic_write_json(run.out / "_brainstorm" / f"part-{i:05d}.json", {"tasks": res["tasks"]})
-        atomic_write_json(_marker(run.out, "brainstorm", i), res["stats"])
+    def commit(i: int, res: dict[str, Any], prev: dict[str, Any] | None) -> dict[str, Any]:
+        rejects_path = run.out / "_rejects" / f"brainstorm-part-{i:05d}.jsonl"
+        tasks_path = run.out / "_brainstorm" / f"part-{i:05d}.json"
+        old_rejects = _read_jsonl(rejects_path) if prev else []
+        old_tasks = json.loads(tasks_path.read_text())["tasks"] if prev and tasks_path.exists() else {}
+        _write_jsonl(rejects_path, old_rejects + res["rejects"])
+        atomic_write_json(tasks_path, {"tasks": {**old_tasks, **res["tasks"]}})
+        atomic_write_json(_marker(run.out, "brainstorm", i),
+                          {"stats": _cumulative(prev, res["stats"], res["failed"]), "failed": res["failed"]})
         return res["stats"]
 
     stats = _run_stage(run, "brainstorm", specs, commit)
+    n_chunks = len(_chunk(specs, sc.chunk_size))
+    markers = [_read_marker(run.out, "brainstorm", i) for i in range(n_chunks)]
+    if run.stopped is None and not all(_is_done(m) for m in markers):
+        # Generation specs depend on every task list: generating from a partial set would change
+        # the specs (and the chunks already written) once the missing lists arrive.
+        raise SynthFailed(run.failure_message("generation needs every brainstormed task list"))
     # Gather cached task lists in chunk order; drop exact repeats across brainstorms.
     tasks: dict[str, list[str]] = {}
     seen: set[tuple[str, str]] = set()
-    n_chunks = _done_prefix(run.out, "brainstorm", len(_chunk(specs, sc.chunk_size)))
     for i in range(n_chunks):
+        if markers[i] is None:
+            break
         cached = json.loads((run.out / "_brainstorm" / f"part-{i:05d}.json").read_text())["tasks"]
         for s in specs[i * sc.chunk_size : (i + 1) * sc.chunk_size]:
             for t in cached.get(s.id, []):
@@ -422,11 +536,47 @@ def _brainstorm(run: _Run, seed: int) -> tuple[dict[str, list[str]], dict[str, A
     return tasks, stats
 
 
+def _recover_parts(out: Path, n: int) -> None:
+    """Make the visible shards exactly the committed ones.
+
+    A kill after a chunk's marker but before its shard's rename leaves the shard in
+    ``_pending/``: it is renamed into place when its sha256 is the one the marker names, and
+    removed otherwise (the marker's own shard is then still in place). A shard without a marker
+    was never committed: it is removed, and its chunk is generated again.
+    """
+    from rayembed.io import sha256_file
+
+    for p in sorted(out.glob("part-*.parquet")):
+        try:
+            i = int(p.stem.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if i >= n or _read_marker(out, "generate", i) is None:
+            logger.warning("Removing %s: it was written but never committed (no progress marker)", p)
+            p.unlink()
+    for i in range(n):
+        m = _read_marker(out, "generate", i)
+        pend = _pending_part(out, i)
+        if m is None:
+            pend.unlink(missing_ok=True)
+            continue
+        if pend.exists():
+            if sha256_file(pend) == m.get("part_sha256"):
+                os.replace(pend, _part(out, i))
+            else:
+                pend.unlink()
+        part = _part(out, i)
+        if not part.exists() or sha256_file(part) != m.get("part_sha256"):
+            logger.warning("Chunk %d's shard is missing or not the committed one; generating it again", i)
+            part.unlink(missing_ok=True)
+            _marker(out, "generate", i).unlink()
+
+
 def _generate(run: _Run, seed: int, tasks: dict[str, list[str]]) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from rayembed.data.schema import to_table
-    from rayembed.io import atomic_write_json, atomic_write_parquet
+    from rayembed.io import atomic_write_json, atomic_write_parquet, sha256_file
     from rayembed.synth.languages import LanguageSampler, language_weights
 
     sc = run.sc
@@ -435,11 +585,13 @@ def _generate(run: _Run, seed: int, tasks: dict[str, list[str]]) -> dict[str, An
         sc.num_examples, seed, tasks, langs, sc.examples_per_task, sc.max_tokens, sc.long_long_min_words, sc.json_mode
     )
     chunks = _chunk(specs, sc.chunk_size)
+    _recover_parts(run.out, len(chunks))
     seen: set[str] = set()
-    for i in range(_done_prefix(run.out, "generate", len(chunks))):
-        seen.update(pq.read_table(run.out / f"part-{i:05d}.parquet", columns=["id"]).column("id").to_pylist())
+    for i in range(len(chunks)):
+        if _read_marker(run.out, "generate", i) is not None:
+            seen.update(pq.read_table(_part(run.out, i), columns=["id"]).column("id").to_pylist())
 
-    def commit(i: int, res: dict[str, Any]) -> dict[str, Any]:
+    def commit(i: int, res: dict[str, Any], prev: dict[str, Any] | None) -> dict[str, Any]:
         st = res["stats"]
         rows, rejects = [], list(res["rejects"])
         reasons = Counter(st["rejected_by_reason"])
@@ -457,9 +609,15 @@ def _generate(run: _Run, seed: int, tasks: dict[str, list[str]]) -> dict[str, An
         st["rejected_by_reason"] = dict(reasons)
         st["rows_by_task_type"] = dict(Counter(r["task_type"] for r in rows))
         st["rows_by_language"] = dict(Counter(r["language"] for r in rows))
-        _write_jsonl(run.out / "_rejects" / f"generate-part-{i:05d}.jsonl", rejects)
-        atomic_write_parquet(run.out / f"part-{i:05d}.parquet", to_table(rows))
-        atomic_write_json(_marker(run.out, "generate", i), st)
+        rejects_path = run.out / "_rejects" / f"generate-part-{i:05d}.jsonl"
+        kept = pq.read_table(_part(run.out, i)).to_pylist() if prev else []
+        _write_jsonl(rejects_path, (_read_jsonl(rejects_path) if prev else []) + rejects)
+        # The shard waits in _pending/ until the marker naming its sha256 is written.
+        pend = atomic_write_parquet(_pending_part(run.out, i), to_table(kept + rows))
+        atomic_write_json(_marker(run.out, "generate", i), {
+            "stats": _cumulative(prev, st, res["failed"]), "failed": res["failed"], "part_sha256": sha256_file(pend),
+        })
+        os.replace(pend, _part(run.out, i))
         return st
 
     stats = _run_stage(run, "generate", specs, commit)
@@ -535,7 +693,23 @@ def run_synth(cfg) -> dict[str, Any]:
         summary["prompt_tokens"], summary["completion_tokens"],
         f", ${summary['cost_usd']:.4f}" if summary["cost_usd"] else "", out,
     )
+    _check_failures(run)
     return summary
+
+
+def _check_failures(run: _Run) -> None:
+    """Fail the run when every request failed or more than synth.max_failure_rate of them did."""
+    n = sum(run.failed.values())
+    if not n:
+        return
+    if n >= run.sent:
+        raise SynthFailed(run.failure_message("every request failed"))
+    rate = n / run.sent
+    if rate > run.sc.max_failure_rate:
+        raise SynthFailed(run.failure_message(
+            f"that is {rate:.0%}, above synth.max_failure_rate={run.sc.max_failure_rate}"))
+    logger.warning("synth: %d of %d requests failed at %s (%s); run the same command again to send them again.",
+                   n, run.sent, run.endpoint(), ", ".join(f"{r} x{c}" for r, c in run.failed.most_common(5)))
 
 
 def _steady_rate(this_run: dict[str, Any], stage: str) -> float | None:
@@ -559,7 +733,9 @@ def build_summary(sc, out, seed, base_url, bs, gen, run, elapsed) -> dict[str, A
         "requests": requests,
         "retries": bs.get("retries", 0) + gen.get("retries", 0),
         "retry_reasons": _merge_counts(bs.get("retry_reasons", {}), gen.get("retry_reasons", {})),
+        # Requests whose spec is still to be sent again (the folder's), and this run's failures.
         "failed_requests": bs.get("failed_requests", 0) + gen.get("failed_requests", 0),
+        "failed_by_reason": dict(run.failed),
         "accepted": gen.get("accepted", 0),
         "rejected": sum(reasons.values()),
         "rejected_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
