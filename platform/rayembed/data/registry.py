@@ -86,7 +86,10 @@ class PublicDataset:
 
     def _load_online(self, split: str, bad: BadRows) -> Iterator[dict[str, Any]]:
         if not self.hub_id:
-            raise ValueError(f"Dataset '{self.name}' has no hub id; give a local path instead.")
+            raise ValueError(
+                f"Dataset '{self.name}' has no online source in its own layout; download {self.layout} "
+                "and give their folder as the source's path (online: false)."
+            )
         try:
             import datasets  # optional: only online users need it
         except ImportError as e:
@@ -95,19 +98,45 @@ class PublicDataset:
                 "Offline, give a local path instead."
             ) from e
         hub = datasets.load_dataset(self.hub_id, self.hub_config, split=split, streaming=True)
+        yield from self.read_hub_records(hub, bad)
+
+    def read_hub_records(self, records: Iterable[dict[str, Any]], bad: BadRows) -> Iterator[dict[str, Any]]:
+        """Schema rows from the hub dataset's records (what ``load(online=True)`` streams).
+
+        A positive or negative column may hold a string, a list of strings, or a list of
+        passages ``{docid, title, text}`` (Tevatron's layout: MIRACL, Mr. TyDi, DuReader);
+        passages become ``title\ntext``.
+        """
         cols = self.hub_columns
-        for i, rec in enumerate(hub):
-            q, p = rec.get(cols["query"]), rec.get(cols["positive"])
-            if isinstance(p, list):
-                p = p[0] if p else None
-            negs = rec.get(cols.get("negatives", ""), None) or []
-            if cols.get("negative") and rec.get(cols["negative"]):
-                negs = [rec[cols["negative"]]]
-            if not (isinstance(q, str) and q.strip() and isinstance(p, str) and p.strip()):
-                bad.skip(f"{self.hub_id}[{i}]", "missing query or positive")
+        where = self.hub_id or self.name
+        language = _lang_from_config(self.hub_config) if self.language == "multi" else None
+        for i, rec in enumerate(records):
+            q = rec.get(cols["query"])
+            pos = _texts(rec.get(cols["positive"]))
+            negs = _texts(rec.get(cols["negatives"])) if cols.get("negatives") else []
+            if cols.get("negative"):
+                negs = _texts(rec.get(cols["negative"])) or negs
+            if not (isinstance(q, str) and q.strip() and pos):
+                bad.skip(f"{where}[{i}]", "missing query or positive")
                 continue
             bad.ok()
-            yield self.row(q, p, [n for n in negs if isinstance(n, str)], split2=bool(self.split2 and i % 2))
+            yield self.row(q, pos[0], negs, split2=bool(self.split2 and i % 2), language=language)
+
+
+def _texts(value: Any) -> list[str]:
+    """Non-empty texts from a hub column: a string, a list of strings or of passage dicts."""
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for v in items:
+        text = _ctx_text(v) if isinstance(v, dict) else v
+        if isinstance(text, str) and text.strip():
+            out.append(text)
+    return out
+
+
+def _lang_from_config(config: str | None) -> str | None:
+    key = (config or "").lower()
+    return key if key in _LANGS else _LANG_NAMES.get(key)
 
 
 _REGISTRY: dict[str, PublicDataset] = {}

@@ -30,6 +30,6 @@ DATASET = register(PublicDataset(
     read_offline=_read,
     layout="DuReader-retrieval dual.train.tsv (query, title, passage, neg title, neg passage, label)",
     hub_id="Tevatron/dureader-retrieval",
-    hub_columns={"query": "query", "positive": "positive_passages"},
+    hub_columns={"query": "query", "positive": "positive_passages", "negatives": "negative_passages"},
     language="zh",
 ))

@@ -15,6 +15,6 @@ DATASET = register(PublicDataset(
     layout="Tevatron JSONL per language (query, positive_passages, negative_passages)",
     hub_id="castorini/mr-tydi",
     hub_config="english",
-    hub_columns={"query": "query", "positive": "positive_passages"},
+    hub_columns={"query": "query", "positive": "positive_passages", "negatives": "negative_passages"},
     language="multi",
 ))

@@ -2,7 +2,8 @@
 
 Offline layout: ``msmarco-docs.tsv`` (docid, url, title, body), ``msmarco-doctrain-queries.tsv``
 (qid, query), ``msmarco-doctrain-qrels.tsv`` (qid, 0, docid, 1). The document text is its
-title and body.
+title and body. There is no online loader: download those files from the MS MARCO site
+(https://microsoft.github.io/msmarco/) and give their folder as the path.
 """
 
 from rayembed.data.public.msmarco_passage import read_marco
@@ -16,7 +17,7 @@ DATASET = register(PublicDataset(
         DATASET, path, bad, ("msmarco-docs.tsv",), ("msmarco-doctrain-queries.tsv",),
         ("msmarco-doctrain-qrels.tsv",), (2, 3), **kw),
     layout="msmarco-docs.tsv, msmarco-doctrain-queries.tsv, msmarco-doctrain-qrels.tsv",
-    hub_id="microsoft/ms_marco",
-    hub_config="v2.1",
-    hub_columns={"query": "query", "positive": "passages"},
+    # No hub dataset holds document-ranking training pairs (microsoft/ms_marco is the passage QA
+    # set): online loading refuses and names the official files to download instead.
+    hub_id=None,
 ))
