@@ -244,3 +244,29 @@ def test_vectors_match_the_in_process_build(multinode, bucket_embedder, tiny_emb
     s2, i2 = ref.search(q, 5)
     np.testing.assert_allclose(s1, s2, atol=1e-4)
     assert [d["doc_id"] for d in idx.get_documents(i1[:, 0])] == ["d3", "d61"]
+
+
+def test_mining_on_the_cluster_matches_mining_in_process(multinode, bucket_embedder, tiny_embedder_dir, tmp_path):
+    """data.mine.engine=ray: the mining corpus is indexed by the workers in the bucket, each shard
+    searched by its own task; the negatives are the ones in-process mining picks."""
+    from rayembed.cluster.storage import resolve_storage
+    from rayembed.data.mine import mine_negatives
+    from rayembed.data.schema import make_row
+
+    words = ["wing", "lift", "bread", "oven", "chess", "rook", "river", "delta", "engine", "valve"]
+    rows = [make_row(instruction="Find the note", query=f"{words[i % 10]} {words[(i * 3) % 10]} question {i}",
+                     positive=f"{words[i % 10]} {words[(i * 7) % 10]} note {i} on {words[(i * 3) % 10]}",
+                     task_type="retrieval", source="s") for i in range(90)]
+    extra = [f"{words[i % 10]} extra passage {i}" for i in range(60)]
+    work = f"s3://{multinode.bucket}/{uuid.uuid4().hex[:8]}/mine-work"
+    cfg = _cfg(tmp_path, "unused", "unused", bucket_embedder, "data.mine.engine=ray", "data.mine.shard_size=40",
+               "index.encode.max_actors=1")
+    kw = dict(retriever=bucket_embedder, top_k=8, num_negatives=2, seed=3, extra_docs=extra, max_length=64)
+    on_cluster = mine_negatives(rows, cfg=cfg, work_dir=work, **kw)
+    manifest = resolve_storage(f"{work}/index").read_json("manifest.json")
+    assert len(manifest["shards"]) == 4 and manifest["ntotal"] == 150  # 90 positives + 60 extra, 40 a shard
+    in_process = mine_negatives(rows, **{**kw, "retriever": str(tiny_embedder_dir)})
+    same = sum(a["negatives"] == b["negatives"] for a, b in zip(on_cluster, in_process))
+    assert same >= 0.9 * len(rows), f"{same} of {len(rows)} rows got the same negatives"
+    for r in on_cluster:
+        assert len(r["negatives"]) == 2 and r["positive"] not in r["negatives"]

@@ -24,6 +24,6 @@ def run(args: argparse.Namespace) -> int:
     from rayembed.data.mine import mine_file
 
     cfg = load_from_args(args)
-    out = mine_file(args.input, args.output, cfg.data.mine, seed=cfg.seed, corpus=args.corpus)
+    out = mine_file(args.input, args.output, cfg.data.mine, seed=cfg.seed, corpus=args.corpus, cfg=cfg)
     print(out)
     return 0

@@ -78,8 +78,24 @@ class MineConfig:
     num_negatives: int = option(1, "Negatives sampled per query from the remaining candidates.")
     batch_size: int = option(64, "Encoding batch size (texts) for an embedder retriever.")
     max_length: int = option(256, "Max tokens per text when encoding with an embedder.")
+    engine: str = option(
+        "local",
+        "Where an embedder retriever runs: local (in this process) or ray (the documents are indexed by "
+        "the distributed index build on the encoder actor pool that index.encode configures, each shard "
+        "searched by its own task).",
+    )
+    work_dir: str | None = option(
+        None,
+        "engine=ray: where the mining corpus and its index are written (a folder every node sees, or a "
+        "URI such as s3://bucket/mine-work). Empty: <output>.work beside the output file.",
+    )
+    shard_size: int = option(50_000, "engine=ray: documents per index shard (one encoding and one search task each).")
 
     def __post_init__(self) -> None:
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f"data.mine.engine={self.engine!r}: choose local or ray.")
+        if self.shard_size <= 0:
+            raise ConfigError("data.mine.shard_size must be positive.")
         if self.top_k <= 0 or self.num_negatives <= 0:
             raise ConfigError("data.mine.top_k and data.mine.num_negatives must be positive.")
         if self.skip_top < 0 or self.skip_top >= self.top_k:

@@ -8,11 +8,17 @@ that query (rows sharing a query text share positives), minus the first ``skip_t
 results (likely unlabelled positives); ``num_negatives`` are sampled from the rest with an RNG
 seeded by (seed, row id), so a rerun gives the same negatives.
 
-Encoding runs in-process in batches (``Embedder.encode``); FAISS is used directly here.
+With ``data.mine.engine=local`` an embedder encodes in this process and FAISS is used directly.
+With ``engine=ray`` mining scales with the cluster: the documents are written as a JSONL corpus
+under ``data.mine.work_dir`` (a shared folder or a URI), the distributed index build encodes them
+on the encoder actor pool (``index.encode``) into fixed shards written by the workers, the queries
+are encoded on the same kind of pool, and one Ray task per shard searches it; the driver only
+merges each shard's top-k ids per query.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -51,10 +57,109 @@ def _dense_search(docs: list[str], queries: list[str], instructions: list[str], 
     return ids  # (n_queries, k)
 
 
+def _write_mining_corpus(docs: list[str], work: Any, shard_size: int) -> list[int]:
+    """The non-empty documents as JSONL files ``corpus/part-NNNNN.jsonl`` below ``work``, in order,
+    one file per shard; ``_id`` is the document's position. Returns the positions written."""
+    written = [i for i, d in enumerate(docs) if d.strip()]
+    for n, start in enumerate(range(0, len(written), shard_size)):
+        lines = "".join(json.dumps({"_id": str(i), "title": "", "text": docs[i]}, ensure_ascii=False) + "\n"
+                        for i in written[start:start + shard_size])
+        work.write_bytes(f"corpus/part-{n:05d}.jsonl", lines.encode("utf-8"))
+    return written
+
+
+def _search_shard(index_uri: str, shard: dict[str, Any], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of one shard for every query: (scores, document positions), -1 where fewer."""
+    import tempfile
+
+    import faiss
+    import pyarrow.parquet as pq
+
+    from rayembed.cluster.storage import resolve_storage
+    from rayembed.io import sha256_file
+
+    st = resolve_storage(index_uri)
+    with tempfile.TemporaryDirectory(prefix="rayembed-mine-") as d:
+        local = {}
+        for rec in (shard, shard["docs"]):
+            path = Path(d) / Path(rec["file"]).name
+            with st.filesystem.open_input_stream(st.join(rec["file"]).path) as fin, open(path, "wb") as fout:
+                fout.write(fin.read())
+            if sha256_file(path) != rec["sha256"]:
+                raise ValueError(f"{index_uri}/{rec['file']} does not match its manifest's sha256; rerun the mining.")
+            local[rec["file"]] = path
+        index = faiss.read_index(str(local[shard["file"]]))
+        doc_ids = pq.read_table(local[shard["docs"]["file"]], columns=["id", "doc_id"])
+    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
+    start = shard["id_start"]
+    positions = np.asarray([int(x) for x in doc_ids.column("doc_id").to_pylist()], dtype=np.int64)
+    mapped = np.where(ids >= 0, positions[np.clip(ids - start, 0, len(positions) - 1)], -1)
+    return scores, mapped
+
+
+def _dense_search_ray(docs: list[str], queries: list[str], instructions: list[str], k: int, retriever: str,
+                      cfg: Any, work_dir: str) -> np.ndarray:
+    """:func:`_dense_search` on the cluster (see the module docstring); returns document positions."""
+    import copy
+
+    import ray
+    import ray.data
+
+    from rayembed.cluster.storage import check_location
+    from rayembed.index.ray_build import EncoderActor, _ordered, _remote_args, build_index, embedder_args
+    from rayembed.runtime import init_ray
+
+    init_ray(cfg.compute)
+    mc = cfg.data.mine
+    work = check_location(work_dir, what="data.mine.work_dir")
+    t0 = time.perf_counter()
+    _write_mining_corpus(docs, work, mc.shard_size)
+    icfg = copy.deepcopy(cfg)
+    icfg.index.embedder, icfg.index.corpus, icfg.index.format = retriever, work.join("corpus").uri, "jsonl"
+    icfg.index.output_dir, icfg.index.index_type, icfg.index.shard_size = work.join("index").uri, "flat", mc.shard_size
+    icfg.index.include_title, icfg.index.doc_instruction, icfg.index.parts = False, None, ["dense"]
+    icfg.index.overwrite = True
+    icfg.index.encode.batch_size, icfg.index.encode.max_length = mc.batch_size, mc.max_length
+    manifest_uri = str(build_index(icfg))
+    manifest = work.join("index").read_json("manifest.json")
+    t_index = time.perf_counter() - t0
+
+    # Queries: encoded on the pool, each with its own instruction, in order.
+    name, load_kwargs = embedder_args(icfg)
+    enc = icfg.index.encode
+    items = [{"id": i, "text": q, "instruction": ins} for i, (q, ins) in enumerate(zip(queries, instructions))]
+    with _ordered():
+        ds = ray.data.from_items(items).repartition(target_num_rows_per_block=enc.rows_per_block).map_batches(
+            EncoderActor, compute=ray.data.ActorPoolStrategy(min_size=enc.min_actors, max_size=enc.max_actors),
+            batch_size=enc.batch_size, batch_format="numpy",
+            fn_constructor_kwargs=dict(name_or_path=name, load_kwargs=load_kwargs, batch_size=mc.batch_size,
+                                       max_length=mc.max_length, include_title=False,
+                                       num_threads=max(1, int(round(enc.num_cpus_per_actor)))),
+            **_remote_args(enc))
+        qvecs = np.concatenate([b["vector"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+    # One search task per shard; the driver merges each query's top-k over the shards.
+    search = ray.remote(num_cpus=1)(_search_shard)
+    qref = ray.put(qvecs)
+    where = manifest_uri.rsplit("/", 1)[0]
+    parts = ray.get([search.remote(where, s, qref, k) for s in manifest["shards"]])
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    scores = np.where(ids >= 0, scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    logger.info("mined on the cluster: %d documents in %d shards (index %.1f s), %d queries, %.1f s in all",
+                len(docs), len(manifest["shards"]), t_index, len(queries), time.perf_counter() - t0)
+    return np.take_along_axis(ids, order, axis=1)
+
+
 def mine_negatives(rows: list[dict[str, Any]], *, retriever: str = "bm25", top_k: int = 100, skip_top: int = 0,
                    num_negatives: int = 1, seed: int = 0, extra_docs: list[str] | None = None,
-                   batch_size: int = 64, max_length: int = 256, keep_existing: bool = False) -> list[dict[str, Any]]:
-    """Return copies of ``rows`` with mined ``negatives`` (see the module docstring)."""
+                   batch_size: int = 64, max_length: int = 256, keep_existing: bool = False,
+                   cfg: Any = None, work_dir: str | None = None) -> list[dict[str, Any]]:
+    """Return copies of ``rows`` with mined ``negatives`` (see the module docstring).
+
+    With ``cfg`` whose ``data.mine.engine`` is ``ray``, an embedder retriever runs on the cluster
+    and writes its corpus and index below ``work_dir``.
+    """
     t0 = time.perf_counter()
     doc_ids: dict[str, int] = {}
     for r in rows:
@@ -71,6 +176,10 @@ def mine_negatives(rows: list[dict[str, Any]], *, retriever: str = "bm25", top_k
     instr = {r["query"]: (r.get("instruction") or "") for r in rows}
     if retriever == "bm25":
         hits = _bm25_search(docs, uniq_q, top_k)
+    elif cfg is not None and cfg.data.mine.engine == "ray":
+        if not work_dir:
+            raise ValueError("data.mine.engine=ray needs data.mine.work_dir (a folder every node sees, or a URI).")
+        hits = _dense_search_ray(docs, uniq_q, [instr[q] for q in uniq_q], top_k, retriever, cfg, work_dir)
     else:
         hits = _dense_search(docs, uniq_q, [instr[q] for q in uniq_q], top_k, retriever, batch_size, max_length)
     q_index = {q: i for i, q in enumerate(uniq_q)}
@@ -92,8 +201,12 @@ def mine_negatives(rows: list[dict[str, Any]], *, retriever: str = "bm25", top_k
 
 
 def mine_file(input_path: str | Path, output_path: str | Path, mcfg, *, seed: int = 0,
-              corpus: str | Path | None = None) -> Path:
-    """Mine negatives for the schema rows in a Parquet/JSONL file or folder; write Parquet atomically."""
+              corpus: str | Path | None = None, cfg: Any = None) -> Path:
+    """Mine negatives for the schema rows in a Parquet/JSONL file or folder; write Parquet atomically.
+
+    ``cfg`` (the whole config) is needed for ``data.mine.engine=ray``: its ``index.encode`` sizes
+    the encoder pool.
+    """
     from rayembed.data.formats import iter_records
     from rayembed.data.schema import to_table
     from rayembed.data.sources import _corpus_docs
@@ -107,7 +220,8 @@ def mine_file(input_path: str | Path, output_path: str | Path, mcfg, *, seed: in
     extra = None
     if corpus:
         extra = [(f"{d['title']}\n{d['text']}" if d.get("title") else d["text"]) for d in _corpus_docs(Path(corpus))]
+    work = mcfg.work_dir or f"{Path(output_path).resolve()}.work"
     mined = mine_negatives(rows, retriever=mcfg.retriever, top_k=mcfg.top_k, skip_top=mcfg.skip_top,
                            num_negatives=mcfg.num_negatives, seed=seed, extra_docs=extra,
-                           batch_size=mcfg.batch_size, max_length=mcfg.max_length)
+                           batch_size=mcfg.batch_size, max_length=mcfg.max_length, cfg=cfg, work_dir=work)
     return atomic_write_parquet(output_path, to_table(mined))

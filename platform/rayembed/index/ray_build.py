@@ -882,7 +882,8 @@ def build_indexes(cfg: Any, corpora: dict[str, str], *, embedder: str | None = N
 
 
 class EncoderActor:
-    """A Ray Data actor mapping ``{id, text, title}`` batches to ``{id, vector}`` (no index written).
+    """A Ray Data actor mapping ``{id, text, title}`` batches to ``{id, vector}`` (no index written);
+    an ``instruction`` column formats each row as a query with its own instruction.
 
     The shard build uses :class:`ShardActor`; this one serves encoding comparisons and callers
     that want vectors back. A LoRA adapter is merged once at load for inference.
@@ -911,7 +912,11 @@ class EncoderActor:
             titles = [""] * len(batch["text"])
         texts = [encode_text(str(t), "" if ti is None else str(ti), self.include_title)
                  for t, ti in zip(batch["text"], titles)]
-        vectors = self.emb.encode(texts, instruction=self.instruction, batch_size=self.batch_size,
+        instruction = self.instruction
+        if "instruction" in batch:  # one instruction per row (queries): formatted here, not per batch
+            texts = [self.emb.format_query(t, str(i)) if i else t for t, i in zip(texts, batch["instruction"])]
+            instruction = None
+        vectors = self.emb.encode(texts, instruction=instruction, batch_size=self.batch_size,
                                   max_length=self.max_length, show_progress=False)  # (B, dim)
         return {"id": np.asarray(batch["id"], dtype=np.int64), "vector": vectors}
 
