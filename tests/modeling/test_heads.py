@@ -152,6 +152,22 @@ def test_dense_output_is_untouched_by_heads(emb):
         torch.testing.assert_close(emb.forward_all(**batch)["dense"], emb(**batch), rtol=0, atol=0)
 
 
+def test_encode_all_runs_the_backbone_once_per_batch(emb, monkeypatch):
+    """Dense, sparse and multi-vector outputs from one forward pass per batch (what the index
+    build's actors use), each equal to its own encode_* call."""
+    dense, sparse, mv = emb.encode(TEXTS, batch_size=2), emb.encode_sparse(TEXTS, batch_size=2), \
+        emb.encode_multivector(TEXTS, batch_size=2)
+    calls = []
+    real = emb.hidden_states
+    monkeypatch.setattr(emb, "hidden_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = emb.encode_all(TEXTS, batch_size=2, sparse=True, multivector=True)
+    assert len(calls) == 2  # 4 texts, batches of 2: one backbone pass each, not one per output
+    np.testing.assert_array_equal(out["dense"], dense)
+    np.testing.assert_array_equal(out["sparse"].toarray(), sparse.toarray())
+    for a, b in zip(out["multivector"], mv):
+        np.testing.assert_array_equal(a, b)
+
+
 def _outputs(e):
     return e.encode(TEXTS), e.encode_sparse(TEXTS).toarray(), e.encode_multivector(TEXTS)
 

@@ -294,13 +294,24 @@ class ShardActor:
         return [encode_text(d["text"], d["title"], self.include_title) for d in docs]
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        vectors = self.emb.encode(texts, instruction=self.instruction, batch_size=self.batch_size,
-                                  max_length=self.max_length, show_progress=False)  # (n, dim)
+        return self._encode_with_heads(texts, heads=False)[0]
+
+    def _encode_with_heads(self, texts: list[str], *, heads: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+        """Dense vectors and the asked-for head outputs (sparse, multivector), one forward pass per batch."""
+        wanted = {p: heads and p in self.parts for p in ("sparse", "multivector")}
+        if any(wanted.values()):
+            outputs = self.emb.encode_all(texts, instruction=self.instruction, batch_size=self.batch_size,
+                                          max_length=self.max_length, **wanted)
+            vectors = outputs.pop("dense")
+        else:
+            outputs = {}
+            vectors = self.emb.encode(texts, instruction=self.instruction, batch_size=self.batch_size,
+                                      max_length=self.max_length, show_progress=False)  # (n, dim)
         if vectors.ndim != 2 or vectors.shape != (len(texts), self.dim):
             raise ValueError(f"Encoder returned vectors of shape {vectors.shape}; expected ({len(texts)}, {self.dim}).")
         if not np.isfinite(vectors).all():
             raise ValueError("Encoder returned NaN or infinite values; refusing to index them.")
-        return vectors
+        return vectors, outputs
 
     def _empty_index(self):
         """A fresh copy of the (trained) empty index; the trained one is fetched and verified once."""
@@ -357,7 +368,7 @@ class ShardActor:
                 "metadata": pa.array([r["metadata"] for r in docs], pa.string()),
             })
             pq.write_table(table, root / _docs_name(i))
-            vectors = self._encode(texts)
+            vectors, heads = self._encode_with_heads(texts)
             index = self._empty_index()
             index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
             write_index_verified(index, root / shard["file"])  # size + re-read before upload
@@ -366,7 +377,7 @@ class ShardActor:
             side["docs"] = _file_record(root, root / _docs_name(i))
             if index.ntotal != shard["rows"] or side["bytes"] == 0:
                 raise IndexIntegrityError(f"{shard['file']} holds {index.ntotal} vectors for {shard['rows']} rows.")
-            side["parts"] = self._write_parts(root, shard, texts)
+            side["parts"] = self._write_parts(root, shard, texts, heads)
             files = [side["file"], side["docs"]["file"]] + [
                 f["file"] for p in side["parts"].values() for f in _part_shard_files(p)]
             for rel in files:
@@ -376,21 +387,21 @@ class ShardActor:
         self.out.write_json(_sidecar_name(shard), side)  # last: the shard exists once this does
         return side
 
-    def _write_parts(self, root: Path, shard: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+    def _write_parts(self, root: Path, shard: dict[str, Any], texts: list[str],
+                     heads: dict[str, Any]) -> dict[str, Any]:
+        """Write the sparse / multivector files from ``heads``, the outputs of the dense pass."""
         out: dict[str, Any] = {}
         base = {k: shard[k] for k in ("index", "rows", "id_start", "id_end")}
+        whole = max(1, len(texts))  # the outputs are already computed: hand them over in one piece
         if "sparse" in self.parts:
             path = root / SPARSE_DIR / f"sparse-{shard['index']:05d}.npz"
-            mat = write_sparse_shard(lambda b: self.emb.encode_sparse(
-                b, instruction=self.instruction, batch_size=self.batch_size, max_length=self.max_length),
-                texts, path, batch_size=self.batch_size)
+            mat = write_sparse_shard(lambda b: heads["sparse"], texts, path, batch_size=whole)
             out["sparse"] = {**base, "nnz": int(mat.nnz), "vocab_size": int(mat.shape[1]),
                              "file": _file_record(root, path)}
         if "multivector" in self.parts:
             stem = root / MULTIVECTOR_DIR / f"mv-{shard['index']:05d}"
-            vpath, opath, dim, offsets = write_multivector_shard(lambda b: self.emb.encode_multivector(
-                b, instruction=self.instruction, batch_size=self.batch_size, max_length=self.max_length),
-                texts, stem, batch_size=self.batch_size)
+            vpath, opath, dim, offsets = write_multivector_shard(lambda b: heads["multivector"], texts, stem,
+                                                                 batch_size=whole)
             out["multivector"] = {**base, "tokens": int(offsets[-1]), "dim": dim,
                                   "vectors": _file_record(root, vpath), "offsets": _file_record(root, opath)}
         return out

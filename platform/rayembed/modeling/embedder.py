@@ -386,7 +386,7 @@ class Embedder(torch.nn.Module):
 
     def _token_batches(self, texts: str | Sequence[str], instruction: str | None, batch_size: int,
                        max_length: int | None):
-        """Yield (input positions, input_ids, mask, hidden) per length-sorted batch, no grad."""
+        """Yield (input positions, input_ids, mask, hidden, attention) per length-sorted batch, no grad."""
         texts = self._check_texts(texts)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
@@ -407,7 +407,7 @@ class Embedder(torch.nn.Module):
                     input_ids = batch["input_ids"].to(device)
                     attention = batch["attention_mask"].to(device)
                     hidden = self.hidden_states(input_ids, attention)  # (b, L, H)
-                    yield idx, input_ids, self.token_mask(input_ids, attention), hidden
+                    yield idx, input_ids, self.token_mask(input_ids, attention), hidden, attention
         finally:
             self.train(was_training)
 
@@ -425,26 +425,75 @@ class Embedder(torch.nn.Module):
         special and padding tokens, and zero weights, are left out. With ``instruction`` texts
         are formatted as queries, as :meth:`encode` does.
         """
+        return self.encode_all(texts, instruction=instruction, batch_size=batch_size, max_length=max_length,
+                               dense=False, sparse=True)["sparse"]
+
+    def _sparse_rows(self, rows: list, idx: np.ndarray, input_ids: torch.Tensor, keep: torch.Tensor,
+                     hidden: torch.Tensor) -> None:
+        """Fill ``rows[i]`` with (token ids, max weight per id) of each text ``i`` of one batch."""
+        weights = self.sparse_head(hidden).cpu().numpy()  # (b, L)
+        ids_np, keep_np = input_ids.cpu().numpy(), keep.cpu().numpy()
+        for r, i in enumerate(idx):
+            tok, w = ids_np[r][keep_np[r]], weights[r][keep_np[r]]
+            uniq, inv = np.unique(tok, return_inverse=True)
+            best = np.zeros(len(uniq), dtype=np.float32)
+            np.maximum.at(best, inv, w.astype(np.float32))
+            nz = best > 0
+            rows[i] = (uniq[nz].astype(np.int64), best[nz])
+
+    def _csr(self, rows: list):
         import scipy.sparse as sp
 
-        self._require_head("sparse")
-        n = len(self._check_texts(texts))
-        rows: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * n
-        for idx, input_ids, keep, hidden in self._token_batches(texts, instruction, batch_size, max_length):
-            weights = self.sparse_head(hidden).cpu().numpy()  # (b, L)
-            ids_np, keep_np = input_ids.cpu().numpy(), keep.cpu().numpy()
-            for r, i in enumerate(idx):
-                tok, w = ids_np[r][keep_np[r]], weights[r][keep_np[r]]
-                uniq, inv = np.unique(tok, return_inverse=True)
-                best = np.zeros(len(uniq), dtype=np.float32)
-                np.maximum.at(best, inv, w.astype(np.float32))
-                nz = best > 0
-                rows[i] = (uniq[nz].astype(np.int64), best[nz])
+        n = len(rows)
         indptr = np.zeros(n + 1, dtype=np.int64)
         indptr[1:] = np.cumsum([len(r[0]) for r in rows])
         indices = np.concatenate([r[0] for r in rows]) if n else np.zeros(0, np.int64)
         data = np.concatenate([r[1] for r in rows]) if n else np.zeros(0, np.float32)
         return sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(n, self.vocab_size), dtype=np.float32)
+
+    def encode_all(
+        self,
+        texts: str | Sequence[str],
+        *,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        dense: bool = True,
+        sparse: bool = False,
+        multivector: bool = False,
+    ) -> dict[str, Any]:
+        """Every asked-for output from one forward pass per batch: ``dense`` (n, dim) float32 as
+        :meth:`encode`, ``sparse`` as :meth:`encode_sparse`, ``multivector`` as
+        :meth:`encode_multivector`. The index build uses it so a model with heads is run once."""
+        for head, wanted in (("sparse", sparse), ("multivector", multivector)):
+            if wanted:
+                self._require_head(head)
+        n = len(self._check_texts(texts))
+        out: dict[str, Any] = {}
+        vecs = np.zeros((n, self.dim), dtype=np.float32) if dense else None
+        sp_rows: list = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * n
+        dim = int(self.multivector_dim or 0) if multivector else 0
+        mv: list[np.ndarray] = [np.zeros((0, dim), dtype=np.float32) for _ in range(n)] if multivector else []
+        for idx, input_ids, keep, hidden, attention in self._token_batches(texts, instruction, batch_size, max_length):
+            if dense:
+                pooled = self.pool(hidden, attention).float()  # (b, H), as forward()
+                if self.config.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+                vecs[idx] = pooled.cpu().numpy()
+            if sparse:
+                self._sparse_rows(sp_rows, idx, input_ids, keep, hidden)
+            if multivector:
+                tok = self.multivector_head(hidden).cpu().numpy()  # (b, L, Dm)
+                keep_np = keep.cpu().numpy()
+                for r, i in enumerate(idx):
+                    mv[i] = np.ascontiguousarray(tok[r][keep_np[r]], dtype=np.float32)
+        if dense:
+            out["dense"] = vecs
+        if sparse:
+            out["sparse"] = self._csr(sp_rows)
+        if multivector:
+            out["multivector"] = mv
+        return out
 
     def encode_multivector(
         self,
@@ -456,16 +505,8 @@ class Embedder(torch.nn.Module):
     ) -> list[np.ndarray]:
         """Token vectors: item i is (n_tokens_i, multivector_dim) float32, rows L2-normalised,
         one per real non-special token of text i, in token order."""
-        self._require_head("multivector")
-        n = len(self._check_texts(texts))
-        dim = int(self.multivector_dim or 0)
-        out: list[np.ndarray] = [np.zeros((0, dim), dtype=np.float32) for _ in range(n)]
-        for idx, _, keep, hidden in self._token_batches(texts, instruction, batch_size, max_length):
-            vecs = self.multivector_head(hidden).cpu().numpy()  # (b, L, Dm)
-            keep_np = keep.cpu().numpy()
-            for r, i in enumerate(idx):
-                out[i] = np.ascontiguousarray(vecs[r][keep_np[r]], dtype=np.float32)
-        return out
+        return self.encode_all(texts, instruction=instruction, batch_size=batch_size, max_length=max_length,
+                               dense=False, multivector=True)["multivector"]
 
     # ------------------------------------------------------------------ LoRA
 
