@@ -311,3 +311,11 @@ def test_a_save_never_touches_another_saves_temporary_folder(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "m")
     assert (busy / "model.safetensors").read_bytes() == b"in progress"
     assert Embedder.from_pretrained(tmp_path / "m").config.pooling == "last"
+
+
+@pytest.mark.gpu
+def test_cuda_embeddings_match_the_cpu(tiny_embedder_dir):
+    cpu = Embedder.from_pretrained(tiny_embedder_dir, device="cpu").encode(TEXTS)
+    gpu = Embedder.from_pretrained(tiny_embedder_dir, device="cuda", dtype="float32")
+    assert gpu.device.type == "cuda"
+    np.testing.assert_allclose(gpu.encode(TEXTS), cpu, atol=1e-4)

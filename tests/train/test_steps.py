@@ -3,6 +3,8 @@ SimCSE and MNTP run and learn, the MNTP export loads as an embedder, the LR sche
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from rayembed.config import load_config
@@ -156,7 +158,23 @@ def test_eval_hook_scores_the_model_in_training(data_dir):
                f"data_dir={data_dir}")
     task = ContrastiveTask(cfg, torch.device("cpu"))
     engine = DDPEngine(task.model, cfg.train, torch.device("cpu"))
-    scores = TrainingEvaluator(cfg).evaluate(task, engine, rank=0)
-    assert 0.0 <= scores["ndcg@10"] <= 1.0 and "recall@100" in scores
+    evaluator = TrainingEvaluator(cfg)
+    scores = evaluator.evaluate(task, engine, rank=0)
+    # The hook's nDCG@10 is the live model's: recomputed by hand from its vectors (linear gains).
+    data = evaluator.data
+    with torch.no_grad():
+        task.embedder.eval()
+        dvecs = task.embedder.encode(data.doc_texts())  # (docs, dim)
+        judged = [q for q, rel in data.qrels.items() if any(g > 0 for g in rel.values())]
+        qvecs = task.embedder.encode([data.queries[q] for q in judged], instruction=data.instruction)
+        task.embedder.train()
+    doc_ids, per_query = data.doc_ids(), []
+    for q, sims in zip(judged, qvecs @ dvecs.T):
+        top = np.argsort(-sims, kind="stable")[:10]
+        dcg = sum(data.qrels[q].get(doc_ids[j], 0) / np.log2(r + 2) for r, j in enumerate(top))
+        ideal = sorted(data.qrels[q].values(), reverse=True)[:10]
+        per_query.append(dcg / sum(g / np.log2(r + 2) for r, g in enumerate(ideal)))
+    assert scores["ndcg@10"] == pytest.approx(float(np.mean(per_query)), abs=1e-4)
+    assert "recall@100" in scores
     assert task.embedder.training, "the hook puts the model back in training mode"
     assert TrainingEvaluator(cfg).evaluate(task, engine, rank=1) == {}  # DDP: rank 0 only

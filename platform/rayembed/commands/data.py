@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         for name in registry.names():
             ds = registry.get(name)
             print(f"{name:18s} ratio {ds.ratio:<4} {ds.instruction}")
-            print(f"{'':18s} offline: {ds.layout}; online: {ds.hub_id}")
+            print(f"{'':18s} offline: {ds.layout}; online: {ds.hub_id or 'none (download the files above)'}")
         return 0
     from rayembed.cli import load_from_args
     from rayembed.config import save_resolved

@@ -12,6 +12,11 @@ Two engines:
 Both use the same learning-rate schedule (:func:`lr_factor`: linear warm-up, then linear decay to
 zero), so switching engines changes nothing but memory and speed.
 
+Checkpoints: the DDP engine writes its state (trainable weights, optimizer, LR schedule, and each
+rank's RNG) as safetensors plus JSON (:func:`save_state`), so resuming never unpickles anything.
+DeepSpeed's checkpoints are its own format (``torch.save`` pickles); they are read only from the
+checkpoint Ray Train hands back from the run's own storage.
+
 GradCache needs several backward passes per optimizer step with the gradient reduction done
 once: :meth:`Engine.accumulate` marks every backward but the last as a non-boundary.
 """
