@@ -55,9 +55,9 @@ def test_each_fault_ends_where_it_should(scripted_llm, make_worker, tmp_path):
     assert accepted == {OK["S1"] + " (0)"}  # all good replies are the same row content ...
     assert len(res["rows"]) == 5  # ... valid, fenced, 429-then-ok, 500-then-ok, slow-then-ok
     reasons = {r["spec_id"]: r["reason"] for r in res["rejects"]}
-    assert reasons == {
-        "truncated-0": "truncated_json",
-        "missing-0": "missing_key",
+    assert reasons == {"truncated-0": "truncated_json", "missing-0": "missing_key"}
+    # A request that failed is not the reply's fault: not a reject, but a spec to send again.
+    assert {f["spec_id"]: f["reason"] for f in res["failed"]} == {
         "always500-0": "request_gave_up_5xx",
         "r400-0": "request_http_400",
     }
@@ -68,7 +68,7 @@ def test_each_fault_ends_where_it_should(scripted_llm, make_worker, tmp_path):
     assert attempts["case:r500:0"] == 3 and attempts["case:r429:0"] == 2 and attempts["case:slow:0"] == 2
     assert st["retry_reasons"] == {"429": 1, "5xx": 4, "timeout": 1}
     assert st["requests"] == sum(attempts.values()) == 15
-    assert st["failed_requests"] == 2 and st["rejected"] == 4 and st["accepted"] == 5
+    assert st["failed_requests"] == 2 and st["rejected"] == 2 and st["accepted"] == 5
     assert st["prompt_tokens"] > 0 and st["completion_tokens"] > 0
     # Retry-After: 1 was honoured (backoff alone would have been at most 0.2 s).
     t429 = [r["t"] for r in scripted_llm.log if r["prompt"] == "case:r429:0"]
