@@ -108,3 +108,18 @@ def test_in_flight_limit(scripted_llm, make_worker, tmp_path):
     res = run(scripted_llm, make_worker, tmp_path, [spec("valid", i) for i in range(16)], "synth.max_in_flight=4")
     assert len(res["rows"]) == 16
     assert scripted_llm.peak_in_flight == 4 and res["stats"]["peak_in_flight"] == 4
+
+
+def test_response_format_follows_structured_output(scripted_llm, make_worker, tmp_path):
+    """json_schema sends each spec's own schema (OpenAI's shape), json_object a bare object, off nothing."""
+    schema = {"type": "object", "properties": {"S1": {"type": "string"}}, "required": ["S1"]}
+    sent = {}
+    for mode in ("json_schema", "json_object", "off"):
+        scripted_llm.log.clear()
+        res = run(scripted_llm, make_worker, tmp_path, [{**spec("valid"), "schema": schema}],
+                  f"synth.structured_output={mode}")
+        assert len(res["rows"]) == 1
+        sent[mode] = scripted_llm.log[-1]["body"].get("response_format")
+    assert sent["json_schema"] == {"type": "json_schema",
+                                   "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+    assert sent["json_object"] == {"type": "json_object"} and sent["off"] is None

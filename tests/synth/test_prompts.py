@@ -87,3 +87,58 @@ def test_config_validation_names_key_and_fix():
         load_config(None, ["synth.model=m", "synth.max_cost_usd=1"])
     with pytest.raises(ConfigError, match="llm_server.host"):
         load_config(None, ["synth.llm_server.host=localhost"])
+
+
+def test_reply_schemas_accept_only_what_the_validator_accepts():
+    """A reply built to each schema's limits passes validation; the schema forbids what it rejects."""
+    import json
+
+    import jsonschema
+
+    from rayembed.synth.validate import reply_to_row
+
+    langs = LanguageSampler(language_weights(restrict=["en"]))
+    specs = P.generation_specs(COUNTS, 0, _tasks(), langs, 1, 512, 30, "json_schema", min_document_words=5)
+    for s in specs:
+        sch = s.schema
+        assert sch["additionalProperties"] is False and set(sch["required"]) == set(sch["properties"])
+        assert set(P.OUTPUT_KEYS[s.task_type]) <= set(sch["required"])
+        reply = {}
+        for i, (k, p) in enumerate(sch["properties"].items()):
+            if p["type"] == "string":
+                words = p["minLength"] // 3 + 2  # three characters a word
+                reply[k] = " ".join(f"{chr(97 + i)}{j % 10}" for j in range(words))[: p["maxLength"]]
+                assert len(reply[k]) >= p["minLength"], (s.task_type, k, p)
+            else:
+                reply[k] = p["enum"][0]
+        jsonschema.validate(reply, sch)
+        reply_to_row(s.to_dict(), json.dumps(reply), finish_reason="stop", source="t", long_long_min_words=30,
+                     min_document_words=5, max_text_chars=20000)
+        with pytest.raises(jsonschema.ValidationError):  # nested objects (SmolLM2's STS habit) never match
+            jsonschema.validate({**reply, P.OUTPUT_KEYS[s.task_type][0]: {"text": "x"}}, sch)
+        if s.task_type == "sts":
+            assert sch["properties"]["S2_score"]["enum"] == list(P.STS_HIGH)
+            assert min(P.STS_HIGH) > max(sch["properties"]["S3_score"]["enum"])  # score_order always holds
+        # Every field at its maxLength still fits max_tokens (at 3 characters a token).
+        assert sum(p.get("maxLength", 0) for p in sch["properties"].values()) <= 3 * s.max_tokens
+        # No field admits a placeholder answer such as "S1" or "label".
+        assert all(p["minLength"] >= 3 for p in sch["properties"].values() if p["type"] == "string")
+    bs = P.brainstorm_specs(COUNTS, 0, 5, 1, 400, "json_schema")
+    for s in bs:
+        tasks = s.schema["properties"]["tasks"]
+        assert tasks["minItems"] == tasks["maxItems"] == 5 and '{"tasks": [...]}' in s.prompt
+    assert "JSON list of strings" in P.brainstorm_specs(COUNTS, 0, 5, 1, 400, "off")[0].prompt
+
+
+def test_structured_output_config_and_the_json_mode_alias():
+    assert load_config(None, []).synth.structured_output == "json_schema"
+    with pytest.warns(FutureWarning, match="synth.json_mode is deprecated.*structured_output=json_object"):
+        sc = load_config(None, ["synth.json_mode=true"]).synth
+    assert (sc.structured_output, sc.json_mode) == ("json_object", None)
+    with pytest.warns(FutureWarning):
+        assert load_config(None, ["synth.json_mode=false"]).synth.structured_output == "off"
+    assert load_config(None, ["synth.structured_output=off"]).synth.structured_output == "off"  # YAML: false
+    with pytest.raises(ConfigError, match="synth.structured_output='xml'; use one of json_schema, json_object, off"):
+        load_config(None, ["synth.structured_output=xml"])
+    with pytest.raises(ConfigError, match="max_body_bytes"):
+        load_config(None, ["synth.llm_server.max_body_bytes=10"])

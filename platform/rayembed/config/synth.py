@@ -11,10 +11,12 @@ variable named by ``api_key_env`` (``OPENAI_API_KEY`` by default) and never writ
 from __future__ import annotations
 
 import ipaddress
+import warnings
 from dataclasses import dataclass
 
 from rayembed.config.base import ConfigError, option
 
+STRUCTURED_OUTPUT_MODES = ("json_schema", "json_object", "off")
 TASK_TYPES = ("short-long", "long-short", "short-short", "long-long", "sts", "bitext")
 ASYMMETRIC_TYPES = ("short-long", "long-short", "short-short", "long-long")
 LANGUAGE_TIERS = ("high", "mid", "low")
@@ -51,7 +53,12 @@ class LLMServerConfig:
     max_batch_size: int = option(8, "Requests generated together in one padded batch.")
     batch_wait_timeout_s: float = option(0.05, "Seconds to wait for a batch to fill.")
     max_new_tokens_cap: int = option(1024, "Upper bound on max_tokens a request may ask for (tokens).")
-    max_input_tokens: int = option(2048, "Prompts longer than this are refused with HTTP 400 (tokens).")
+    max_input_tokens: int = option(
+        2048, "Prompts longer than this (or than the model's context) are refused with HTTP 400 (tokens)."
+    )
+    max_body_bytes: int = option(
+        1 << 20, "Request bodies larger than this are refused with HTTP 413 before parsing, chunked ones too (bytes)."
+    )
     dtype: str = option("float32", "Weights dtype on the replica: float32, bfloat16 or float16.")
     torch_threads: int | None = option(None, "torch intra-op threads per replica. Empty: torch's default.")
     api_key_env: str = option(
@@ -77,6 +84,11 @@ class LLMServerConfig:
             raise ConfigError(f"synth.llm_server.dtype={self.dtype!r}; use float32, bfloat16 or float16.")
         if self.max_new_tokens_cap < 1 or self.max_input_tokens < 16:
             raise ConfigError("synth.llm_server.max_new_tokens_cap must be >= 1 and max_input_tokens >= 16.")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(
+                f"synth.llm_server.max_body_bytes={self.max_body_bytes} is too small for any chat request; "
+                "use at least 1024 (the default is 1048576)."
+            )
 
 
 @dataclass
@@ -128,7 +140,15 @@ class SynthConfig:
     top_p: float = option(1.0, "Nucleus sampling top_p (the paper: 1.0).")
     max_tokens: int = option(1024, "max_tokens of a generation request (tokens).")
     brainstorm_max_tokens: int = option(1024, "max_tokens of a brainstorm request (tokens).")
-    json_mode: bool = option(False, "Send response_format={type: json_object} (OpenAI, vLLM support it).")
+    structured_output: str | bool = option(
+        "json_schema",
+        "What each request asks of the reply's shape, as response_format: json_schema (each task type's JSON "
+        "schema: keys, string lengths, STS score sets, list lengths; serve-llm and vLLM enforce it by "
+        "constrained decoding), json_object (any JSON object) or off (the prompt alone asks for JSON).",
+    )
+    json_mode: bool | None = option(
+        None, "Deprecated alias of structured_output: true means json_object, false means off. Empty: unset."
+    )
     # --- traffic control
     max_in_flight: int = option(64, "Requests in flight at once, per actor.")
     requests_per_minute: float | None = option(None, "Request rate limit over all actors (requests/minute). Empty: none.")
@@ -162,6 +182,23 @@ class SynthConfig:
     source_name: str | None = option(None, "Value of the 'source' column. Empty: synth:<model>.")
 
     def __post_init__(self) -> None:
+        if self.json_mode is not None:
+            mapped = "json_object" if self.json_mode else "off"
+            msg = (
+                f"synth.json_mode is deprecated; it now means synth.structured_output={mapped}. Write "
+                f"structured_output: {mapped} instead (or json_schema, which enforces each task type's schema)."
+            )
+            # FutureWarning, not DeprecationWarning: it is meant for the person who wrote the config.
+            warnings.warn(msg, FutureWarning, stacklevel=2)
+            self.structured_output = mapped
+            self.json_mode = None  # resolved: the saved config holds structured_output alone
+        if self.structured_output is False:  # YAML 1.1 reads a bare `off` as false
+            self.structured_output = "off"
+        if self.structured_output not in STRUCTURED_OUTPUT_MODES:
+            raise ConfigError(
+                f"synth.structured_output={self.structured_output!r}; use one of "
+                f"{', '.join(STRUCTURED_OUTPUT_MODES)}."
+            )
         for t, n in self.num_examples.items():
             if t not in TASK_TYPES:
                 raise ConfigError(

@@ -6,6 +6,11 @@ jitter on 429, 5xx, timeouts and connection errors; ``Retry-After`` honoured; an
 fails at once. A semaphore caps requests in flight; token buckets cap requests and tokens per
 minute. Every attempt, retry and token is counted so a run summary can report them.
 
+What the reply must look like is sent as ``response_format``, per ``structured_output``:
+``json_schema`` sends the request's own JSON schema (OpenAI's ``{"type": "json_schema",
+"json_schema": {"name", "schema", "strict"}}``, which vLLM and ``rayembed serve-llm`` enforce by
+constrained decoding), ``json_object`` asks for any JSON object, ``off`` sends nothing.
+
 The API key is held in a :class:`Secret`, whose repr never shows it.
 """
 
@@ -90,7 +95,7 @@ class ClientSettings:
     base_url: str | None
     temperature: float = 1.0
     top_p: float = 1.0
-    json_mode: bool = False
+    structured_output: str = "off"  # json_schema | json_object | off
     max_in_flight: int = 64
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
@@ -228,14 +233,28 @@ class ChatClient:
             delay = max(delay, min(retry_after, self.s.max_retry_after_s))
         return delay
 
-    async def complete(self, prompt: str, max_tokens: int) -> Completion:
-        """One logical request: retried as the policy says; never raises for HTTP trouble."""
+    def response_format(self, schema: dict[str, Any] | None, name: str = "reply") -> dict[str, Any] | None:
+        """The ``response_format`` to send for a request whose reply should match ``schema``."""
+        mode = self.s.structured_output
+        if mode == "json_schema" and schema is not None:
+            return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+        if mode in ("json_schema", "json_object"):
+            return {"type": "json_object"}
+        return None
+
+    async def complete(self, prompt: str, max_tokens: int, schema: dict[str, Any] | None = None,
+                       schema_name: str = "reply") -> Completion:
+        """One logical request: retried as the policy says; never raises for HTTP trouble.
+
+        ``schema`` is the reply's JSON schema, sent when ``structured_output`` is json_schema.
+        """
         import openai
 
         messages = [{"role": "user", "content": prompt}]
         extra: dict[str, Any] = {}
-        if self.s.json_mode:
-            extra["response_format"] = {"type": "json_object"}
+        fmt = self.response_format(schema, schema_name)
+        if fmt is not None:
+            extra["response_format"] = fmt
         t0 = time.monotonic()
         attempt = 0
         retried: list[str] = []

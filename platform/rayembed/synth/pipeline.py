@@ -85,7 +85,7 @@ def client_settings(sc, base_url: str | None, num_actors: int | None = None) -> 
         base_url=base_url,
         temperature=sc.temperature,
         top_p=sc.top_p,
-        json_mode=sc.json_mode,
+        structured_output=sc.structured_output,
         max_in_flight=sc.max_in_flight,
         requests_per_minute=sc.requests_per_minute / n if sc.requests_per_minute else None,
         tokens_per_minute=sc.tokens_per_minute / n if sc.tokens_per_minute else None,
@@ -497,7 +497,8 @@ def _brainstorm(run: _Run, seed: int) -> tuple[dict[str, list[str]], dict[str, A
 
     sc = run.sc
     specs = brainstorm_specs(
-        sc.num_examples, seed, sc.tasks_per_brainstorm, sc.examples_per_task, sc.brainstorm_max_tokens, sc.json_mode
+        sc.num_examples, seed, sc.tasks_per_brainstorm, sc.examples_per_task, sc.brainstorm_max_tokens,
+        sc.structured_output,
     )
     type_of = {s.id: s.task_type for s in specs}
 
@@ -582,7 +583,8 @@ def _generate(run: _Run, seed: int, tasks: dict[str, list[str]]) -> dict[str, An
     sc = run.sc
     langs = LanguageSampler(language_weights(sc.english_share, sc.tier_weights, sc.language_weights, sc.languages))
     specs = generation_specs(
-        sc.num_examples, seed, tasks, langs, sc.examples_per_task, sc.max_tokens, sc.long_long_min_words, sc.json_mode
+        sc.num_examples, seed, tasks, langs, sc.examples_per_task, sc.max_tokens, sc.long_long_min_words,
+        sc.structured_output, min_document_words=sc.min_document_words, max_text_chars=sc.max_text_chars,
     )
     chunks = _chunk(specs, sc.chunk_size)
     _recover_parts(run.out, len(chunks))

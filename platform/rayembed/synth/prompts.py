@@ -7,6 +7,15 @@ are the paper's, because downstream tools expect them.
 
 Every prompt is a pure function of (seed, spec id, task, config): the same seed and config
 give byte-identical prompts, which is what makes resuming a run safe.
+
+Each spec also carries the JSON schema of the reply it asks for (:func:`response_schema`),
+derived from what :mod:`rayembed.synth.validate` accepts: the keys, string types and lengths
+(sized to fit ``max_tokens``), the STS score sets, the brainstorm list's length. With
+``synth.structured_output=json_schema`` the client sends it as ``response_format`` and a server
+that decodes under constraints (serve-llm, vLLM) returns only replies of that shape. A schema
+fixes the shape, not the sense: the prompts still say what good content is, and minimum lengths
+keep a small model from answering "S1" for S1. (A worked example in the prompt was tried and
+dropped: SmolLM2-135M copied it verbatim into most replies, which the dedup then rejects.)
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from typing import Any
 
 from rayembed.synth.languages import NAMES
 
-PROMPT_VERSION = "1"
+PROMPT_VERSION = "2"
 
 # Placeholder value sets (MISSION.md §1).
 QUERY_TYPES = ("extremely long-tail", "long-tail", "common")
@@ -96,13 +105,19 @@ _BRAINSTORM_WHAT = {
 }
 
 
-def brainstorm_prompt(task_type: str, n: int, json_mode: bool = False, domains: list[str] | None = None) -> str:
+def _wants_object(structured_output: str | bool | None) -> bool:
+    """Whether replies must be one JSON object (json_schema, json_object; ``True`` for the old json_mode)."""
+    return bool(structured_output) and structured_output != "off"
+
+
+def brainstorm_prompt(task_type: str, n: int, structured_output: str | bool | None = None,
+                      domains: list[str] | None = None) -> str:
     """Ask for ``n`` distinct one-sentence task definitions of an asymmetric type."""
     what, examples = _BRAINSTORM_WHAT[task_type]
     shown = "\n".join(f"- {e}" for e in examples)
     fmt = (
         'a JSON object {"tasks": [...]} whose "tasks" value is a list of strings'
-        if json_mode
+        if _wants_object(structured_output)
         else "a JSON list of strings"
     )
     return (
@@ -125,7 +140,8 @@ def _lang(code: str) -> str:
     return NAMES.get(code, code)
 
 
-def generation_prompt(task_type: str, task: str | None, ph: dict[str, Any], json_mode: bool = False) -> str:
+def generation_prompt(task_type: str, task: str | None, ph: dict[str, Any],
+                      structured_output: str | bool | None = None) -> str:
     """The prompt for one example of ``task_type``; ``ph`` holds the sampled placeholders."""
     if task_type == "short-long":
         body = (
@@ -211,8 +227,81 @@ def generation_prompt(task_type: str, task: str | None, ph: dict[str, Any], json
         )
     else:
         raise ValueError(f"Unknown task type {task_type!r}.")
-    tail = "Reply with the JSON object only." if json_mode else "Reply with the JSON object only, no other text."
+    tail = (
+        "Reply with the JSON object only." if _wants_object(structured_output)
+        else "Reply with the JSON object only, no other text."
+    )
     return body + "\n" + tail
+
+
+# ---------------------------------------------------------------------------------- schemas
+
+# Characters one token carries, on the low side, so a reply that fills every field to its
+# maxLength still closes inside max_tokens (JSON punctuation and keys take the rest).
+_CHARS_PER_TOKEN = 3
+_KEY_OVERHEAD_TOKENS = 12  # per field: its key, quotes, separators
+# Share of the character budget per field, by type (query, positive, negative).
+_SHARES: dict[str, tuple[float, float, float]] = {
+    "short-long": (0.1, 0.5, 0.4),
+    "long-short": (0.8, 0.1, 0.1),
+    "short-short": (0.34, 0.33, 0.33),
+    "long-long": (0.34, 0.33, 0.33),
+    "sts": (0.34, 0.33, 0.33),
+    "bitext": (0.34, 0.33, 0.33),
+}
+_MIN_CHARS_PER_WORD = 5  # a word and its space, a little under English's average
+_MIN_TEXT_CHARS = 10  # no field is shorter: a placeholder such as "S1" or "label" never fits
+_MIN_LABEL_CHARS = 3
+_SHORT_FIELD_CHARS = 80  # labels (long-short)
+_SCORE_KEYS = ("S2_score", "S3_score")
+
+
+def _string(min_len: int, max_len: int) -> dict[str, Any]:
+    return {"type": "string", "minLength": min_len, "maxLength": max(min_len, max_len)}
+
+
+def response_schema(stage: str, task_type: str, ph: dict[str, Any], max_tokens: int, *,
+                    min_document_words: int = 10, long_long_min_words: int = 300,
+                    max_text_chars: int = 20000) -> dict[str, Any]:
+    """The JSON schema of the reply a spec asks for (OpenAI strict-mode style: every key
+    required, no others), derived from what :func:`rayembed.synth.validate.reply_to_row` and
+    :func:`~rayembed.synth.validate.parse_task_list` accept.
+
+    String lengths are sized so that a reply that fills every field still fits ``max_tokens``;
+    a spec whose minimum lengths cannot fit gets them anyway (its reply will be cut and rejected
+    as ``truncated_json``, which says to raise ``max_tokens``).
+    """
+    budget = max(0, max_tokens - 8)
+    if stage == "brainstorm":
+        n = int(ph.get("n", 1))
+        per_item = max(40, min(400, (budget // max(1, n) - 4) * _CHARS_PER_TOKEN))
+        return {
+            "type": "object",
+            "properties": {"tasks": {"type": "array", "items": _string(20, per_item), "minItems": n, "maxItems": n}},
+            "required": ["tasks"],
+            "additionalProperties": False,
+        }
+    keys = OUTPUT_KEYS[task_type]
+    n_fields = len(keys) + (len(_SCORE_KEYS) if task_type == "sts" else 0)
+    chars = max(0, budget - n_fields * _KEY_OVERHEAD_TOKENS) * _CHARS_PER_TOKEN
+    mins = {
+        "short-long": (1, min_document_words, min_document_words),
+        "long-short": (min_document_words, 1, 1),
+        "long-long": (long_long_min_words,) * 3,
+    }.get(task_type, (1, 1, 1))  # in words
+    props: dict[str, Any] = {}
+    for key, share, min_words in zip(keys, _SHARES[task_type], mins):
+        label = task_type == "long-short" and key != keys[0]
+        lo = max(_MIN_LABEL_CHARS if label else _MIN_TEXT_CHARS, min_words * _MIN_CHARS_PER_WORD)
+        hi = max(lo, min(max_text_chars, int(chars * share)))
+        if label:
+            hi = min(hi, _SHORT_FIELD_CHARS)
+        props[key] = _string(min(lo, max_text_chars), hi)
+    if task_type == "sts":
+        # The score sets of the prompts: S2 always rates above S3, as the validator demands.
+        props["S2_score"] = {"type": "number", "enum": list(STS_HIGH)}
+        props["S3_score"] = {"type": "number", "enum": list(STS_LOW)}
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 
 # ---------------------------------------------------------------------------------- specs
@@ -230,6 +319,7 @@ class PromptSpec:
     language: str = "en"
     instruction: str = ""
     placeholders: dict[str, Any] = field(default_factory=dict)
+    schema: dict[str, Any] | None = None  # the reply's JSON schema (response_schema)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -241,6 +331,7 @@ class PromptSpec:
             "language": self.language,
             "instruction": self.instruction,
             "placeholders": self.placeholders,
+            "schema": self.schema,
         }
 
     @classmethod
@@ -285,8 +376,12 @@ def sample_placeholders(task_type: str, rng: random.Random, languages, long_long
 
 
 def brainstorm_specs(counts: dict[str, int], seed: int, n_per_call: int, examples_per_task: int,
-                     max_tokens: int, json_mode: bool = False) -> list[PromptSpec]:
-    """Brainstorm requests for every asymmetric type with a positive target count."""
+                     max_tokens: int, structured_output: str | bool | None = None) -> list[PromptSpec]:
+    """Brainstorm requests for every asymmetric type with a positive target count.
+
+    ``structured_output`` (json_schema, json_object, off) decides whether the prompt asks for
+    ``{"tasks": [...]}`` (a JSON object, as response_format requires) or a bare list.
+    """
     specs = []
     for task_type in ("short-long", "long-short", "short-short", "long-long"):
         target = counts.get(task_type, 0)
@@ -302,9 +397,10 @@ def brainstorm_specs(counts: dict[str, int], seed: int, n_per_call: int, example
                     id=sid,
                     stage="brainstorm",
                     task_type=task_type,
-                    prompt=brainstorm_prompt(task_type, n_per_call, json_mode, domains),
+                    prompt=brainstorm_prompt(task_type, n_per_call, structured_output, domains),
                     max_tokens=max_tokens,
                     placeholders={"n": n_per_call, "call": i, "domains": domains},
+                    schema=response_schema("brainstorm", task_type, {"n": n_per_call}, max_tokens),
                 )
             )
     return specs
@@ -312,8 +408,11 @@ def brainstorm_specs(counts: dict[str, int], seed: int, n_per_call: int, example
 
 def generation_specs(counts: dict[str, int], seed: int, tasks: dict[str, list[str]], languages,
                      examples_per_task: int, max_tokens: int, long_long_min_words: int,
-                     json_mode: bool = False) -> list[PromptSpec]:
+                     structured_output: str | bool | None = None, *, min_document_words: int = 10,
+                     max_text_chars: int = 20000) -> list[PromptSpec]:
     """Generation requests: asymmetric ones from brainstormed ``tasks``, symmetric ones directly.
+
+    Each spec carries its reply schema, bounded by the validation settings given here.
 
     Spec ids and placeholders depend only on (seed, type, position), so a resumed run rebuilds
     exactly the same list.
@@ -336,11 +435,15 @@ def generation_specs(counts: dict[str, int], seed: int, tasks: dict[str, list[st
                     id=sid,
                     stage="generate",
                     task_type=task_type,
-                    prompt=generation_prompt(task_type, task, ph, json_mode),
+                    prompt=generation_prompt(task_type, task, ph, structured_output),
                     max_tokens=max_tokens,
                     language=ph["language"],
                     instruction=task,
                     placeholders=ph,
+                    schema=response_schema("generate", task_type, ph, max_tokens,
+                                           min_document_words=min_document_words,
+                                           long_long_min_words=long_long_min_words,
+                                           max_text_chars=max_text_chars),
                 )
             )
     return specs
