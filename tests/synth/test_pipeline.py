@@ -210,6 +210,22 @@ def test_every_request_failing_exits_nonzero(ray_local, scripted_llm, api_key, t
     assert read_rows(tmp_path / "synth") == []
 
 
+def test_a_dead_endpoint_stops_the_run_early(ray_local, scripted_llm, api_key, tmp_path):
+    """Past two chunks' worth of requests above the failure rate, no further chunk is sent."""
+    from rayembed.synth import run_synth
+    from rayembed.synth.pipeline import SynthFailed
+
+    scripted_llm.script = lambda prompt, attempt: Reply(status=503)
+    cfg = synth_cfg(tmp_path, scripted_llm.base_url, "synth.num_examples={sts: 20}", "synth.chunk_size=2",
+                    "synth.num_actors=1", "synth.chunks_in_flight_per_actor=1", "synth.max_in_flight=2",
+                    "synth.max_attempts=1")
+    with pytest.raises(SynthFailed, match="every request failed"):
+        run_synth(cfg)
+    # Two chunks committed, plus at most the chunks Ray Data had already handed to the actor.
+    assert 4 <= len(scripted_llm.log) <= 10
+    assert json.loads((tmp_path / "synth" / "_summary.json").read_text())["stopped_early"].startswith("4 of 4")
+
+
 def test_fingerprint_covers_every_setting_that_changes_rows(tmp_path):
     from rayembed.synth.pipeline import _check_manifest, fingerprint
 

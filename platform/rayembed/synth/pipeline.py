@@ -323,6 +323,14 @@ class _Run:
             return True
         return False
 
+    def failing(self) -> bool:
+        """Stop early: after at least two chunks' worth of requests, more than max_failure_rate failed."""
+        n = sum(self.failed.values())
+        if self.sent >= 2 * self.sc.chunk_size and n / self.sent > self.sc.max_failure_rate:
+            self.stopped = f"{n} of {self.sent} requests failed, above synth.max_failure_rate={self.sc.max_failure_rate}"
+            return True
+        return False
+
     def endpoint(self) -> str:
         from rayembed.security import redact_text
 
@@ -463,7 +471,7 @@ def _run_stage(run: _Run, stage: str, specs: list[PromptSpec], commit) -> dict[s
                     new["accepted"] if stage == "generate" else new["tasks"], new["rejected"],
                     new["failed_requests"], f", ${run.cost:.4f}" if run.settings.price_in is not None else "",
                 )
-                if run.over_budget():
+                if run.over_budget() or run.failing():
                     logger.warning("%s: stopping early, %s", stage, run.stopped)
                     break
             if run.stopped:
