@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -95,7 +96,7 @@ def test_reply_schemas_accept_only_what_the_validator_accepts():
 
     import jsonschema
 
-    from rayembed.synth.validate import reply_to_row
+    from rayembed.synth.validate import parse_task_list, reply_to_row
 
     langs = LanguageSampler(language_weights(restrict=["en"]))
     specs = P.generation_specs(COUNTS, 0, _tasks(), langs, 1, 512, 30, "json_schema", min_document_words=5)
@@ -105,10 +106,15 @@ def test_reply_schemas_accept_only_what_the_validator_accepts():
         assert set(P.OUTPUT_KEYS[s.task_type]) <= set(sch["required"])
         reply = {}
         for i, (k, p) in enumerate(sch["properties"].items()):
-            if p["type"] == "string":
-                words = p["minLength"] // 3 + 2  # three characters a word
-                reply[k] = " ".join(f"{chr(97 + i)}{j % 10}" for j in range(words))[: p["maxLength"]]
-                assert len(reply[k]) >= p["minLength"], (s.task_type, k, p)
+            if p["type"] == "string" and "pattern" not in p:  # a language without spaces: lengths
+                reply[k] = (chr(19968 + i) * p["minLength"])[: p["maxLength"]]
+            elif p["type"] == "string":  # as many words as the pattern's minimum, of two characters
+                words = int(re.search(r"\{(\d+),(\d+)\}\$$", p["pattern"]).group(1)) + 1
+                reply[k] = " ".join(f"{chr(97 + i)}{j % 10}" for j in range(words))
+                assert re.fullmatch(p["pattern"].strip("^$"), reply[k])
+                with pytest.raises(jsonschema.ValidationError):  # one word short
+                    jsonschema.validate({**reply, k: reply[k].rsplit(" ", 1)[0]} if words > 1 else
+                                        {**reply, k: ""}, sch)
             else:
                 reply[k] = p["enum"][0]
         jsonschema.validate(reply, sch)
@@ -119,14 +125,18 @@ def test_reply_schemas_accept_only_what_the_validator_accepts():
         if s.task_type == "sts":
             assert sch["properties"]["S2_score"]["enum"] == list(P.STS_HIGH)
             assert min(P.STS_HIGH) > max(sch["properties"]["S3_score"]["enum"])  # score_order always holds
-        # Every field at its maxLength still fits max_tokens (at 3 characters a token).
-        assert sum(p.get("maxLength", 0) for p in sch["properties"].values()) <= 3 * s.max_tokens
-        # No field admits a placeholder answer such as "S1" or "label".
-        assert all(p["minLength"] >= 3 for p in sch["properties"].values() if p["type"] == "string")
     bs = P.brainstorm_specs(COUNTS, 0, 5, 1, 400, "json_schema")
     for s in bs:
         tasks = s.schema["properties"]["tasks"]
         assert tasks["minItems"] == tasks["maxItems"] == 5 and '{"tasks": [...]}' in s.prompt
+        good = {"tasks": [f"Given query {i} find its documents" for i in range(5)]}
+        jsonschema.validate(good, s.schema)
+        assert len(parse_task_list(json.dumps(good))) == 5
+        for bad in ({"tasks": good["tasks"][:4]}, {"tasks": ["FindHomeCareersProjectList"] * 5}):
+            with pytest.raises(jsonschema.ValidationError):  # too few tasks; one-word tasks the parser drops
+                jsonschema.validate(bad, s.schema)
+    zh = P.response_schema("generate", "sts", {"language": "zh"}, 320)
+    assert zh["properties"]["S1"]["minLength"] >= 3  # no spaces to count words by: lengths instead
     assert "JSON list of strings" in P.brainstorm_specs(COUNTS, 0, 5, 1, 400, "off")[0].prompt
 
 

@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayembed.synth.languages import NAMES
+from rayembed.synth.languages import NAMES, NO_SPACE_LANGUAGES
 
 PROMPT_VERSION = "2"
 
@@ -252,12 +252,30 @@ _SHARES: dict[str, tuple[float, float, float]] = {
 _MIN_CHARS_PER_WORD = 5  # a word and its space, a little under English's average
 _MIN_TEXT_CHARS = 10  # no field is shorter: a placeholder such as "S1" or "label" never fits
 _MIN_LABEL_CHARS = 3
+_MIN_SENTENCE_WORDS = 2  # a query or sentence: two words at least
 _SHORT_FIELD_CHARS = 80  # labels (long-short)
 _SCORE_KEYS = ("S2_score", "S3_score")
 
 
+_MAX_WORD_CHARS = 25
+_TASK_MIN_WORDS = 4  # parse_task_list keeps tasks of at least 4 words
+
+
 def _string(min_len: int, max_len: int) -> dict[str, Any]:
     return {"type": "string", "minLength": min_len, "maxLength": max(min_len, max_len)}
+
+
+def _words(min_words: int, max_chars: int) -> dict[str, Any]:
+    """A string of ``min_words`` or more space-separated words, at most about ``max_chars`` long.
+
+    A pattern, because llguidance cannot intersect a pattern with minLength/maxLength; the word
+    count is what the validator checks (and what stops a small model answering with one
+    CamelCase token). Words hold no quote or backslash: the reply needs no escapes.
+    """
+    min_words = max(1, min_words)
+    max_words = max(min_words, max_chars // 6)
+    word = f'[^ "\\\\]{{1,{_MAX_WORD_CHARS}}}'
+    return {"type": "string", "pattern": f"^{word}( {word}){{{min_words - 1},{max_words - 1}}}$"}
 
 
 def response_schema(stage: str, task_type: str, ph: dict[str, Any], max_tokens: int, *,
@@ -275,9 +293,10 @@ def response_schema(stage: str, task_type: str, ph: dict[str, Any], max_tokens: 
     if stage == "brainstorm":
         n = int(ph.get("n", 1))
         per_item = max(40, min(400, (budget // max(1, n) - 4) * _CHARS_PER_TOKEN))
+        item = _words(_TASK_MIN_WORDS, per_item)
         return {
             "type": "object",
-            "properties": {"tasks": {"type": "array", "items": _string(20, per_item), "minItems": n, "maxItems": n}},
+            "properties": {"tasks": {"type": "array", "items": item, "minItems": n, "maxItems": n}},
             "required": ["tasks"],
             "additionalProperties": False,
         }
@@ -289,6 +308,7 @@ def response_schema(stage: str, task_type: str, ph: dict[str, Any], max_tokens: 
         "long-short": (min_document_words, 1, 1),
         "long-long": (long_long_min_words,) * 3,
     }.get(task_type, (1, 1, 1))  # in words
+    spaced = not set(str(ph.get("language", "en")).split("-")) & NO_SPACE_LANGUAGES
     props: dict[str, Any] = {}
     for key, share, min_words in zip(keys, _SHARES[task_type], mins):
         label = task_type == "long-short" and key != keys[0]
@@ -296,7 +316,10 @@ def response_schema(stage: str, task_type: str, ph: dict[str, Any], max_tokens: 
         hi = max(lo, min(max_text_chars, int(chars * share)))
         if label:
             hi = min(hi, _SHORT_FIELD_CHARS)
-        props[key] = _string(min(lo, max_text_chars), hi)
+        if spaced:
+            props[key] = _words(min_words if min_words > 1 else (1 if label else _MIN_SENTENCE_WORDS), hi)
+        else:  # Chinese, Japanese, Thai...: no spaces to count words by
+            props[key] = _string(min(lo, max_text_chars), hi)
     if task_type == "sts":
         # The score sets of the prompts: S2 always rates above S3, as the validator demands.
         props["S2_score"] = {"type": "number", "enum": list(STS_HIGH)}
