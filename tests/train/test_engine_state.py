@@ -86,3 +86,14 @@ def test_a_planted_pickle_checkpoint_is_refused_not_run(tmp_path):
     with pytest.raises(ValueError, match=r"ddp_state\.pt, a pickle, which is never loaded.*new train\.run_name"):
         _engine("cpu").load(ckpt)
     assert not ran.exists()
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_engine_autocast_follows_precision(precision, dtype):
+    """Every task runs forward and backward inside engine.autocast(): bf16 autocasts, fp32 does not."""
+    model = torch.nn.Linear(8, 4)
+    train = load_config(None, [f"train.precision={precision}"]).train
+    engine = DDPEngine(model, train, torch.device("cpu"))
+    with engine.autocast():
+        out = engine.module(torch.randn(2, 8))
+    assert out.dtype == dtype

@@ -195,6 +195,17 @@ class Engine:
     """What the training loop needs from a distributed engine."""
 
     module: torch.nn.Module  # call this for forward passes (it may be a wrapper)
+    device: torch.device
+    # The dtype forward passes autocast to (DDP under bf16/fp16); None: no autocast (fp32, or
+    # DeepSpeed, which casts the model itself).
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context every task's forward and backward run in: ``torch.autocast`` to
+        :attr:`autocast_dtype` on this engine's device, or nothing when that is None."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from rayembed.train.tasks import _enable_checkpointing, _nullcontext
+from rayembed.modeling.loading import enable_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class RerankTask:
         if mc.lora.enabled:
             self.reranker.add_lora(mc.lora)
         if tc.gradient_checkpointing:
-            _enable_checkpointing(self.reranker.model)
+            enable_checkpointing(self.reranker.model)
         self.reranker.train()
         self.model = self.reranker
         # The stream formats queries with its encoder's template; read it back from the same one.
@@ -135,9 +135,7 @@ class RerankTask:
         padded = self.reranker.pad(prompts)
         ids = padded["input_ids"].to(engine.device)  # (B*(1+n), L)
         mask = padded["attention_mask"].to(engine.device)  # (B*(1+n), L)
-        autocast = getattr(engine, "autocast_dtype", None)
-        ctx = torch.autocast(engine.device.type, dtype=autocast) if autocast else _nullcontext()
-        with ctx:
+        with engine.autocast():
             scores = engine.module(ids, mask).float().view(-1, group)  # (B, 1+n)
             labels = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)  # (B,)
             loss = torch.nn.functional.cross_entropy(scores, labels)

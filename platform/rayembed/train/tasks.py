@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from rayembed.losses import info_nce
+from rayembed.modeling.loading import enable_checkpointing
 from rayembed.train.gradcache import gradcache_step
 
 logger = logging.getLogger(__name__)
@@ -57,16 +58,6 @@ def _set_dropout(model: torch.nn.Module, p: float) -> None:
             module.attention_dropout = p
         if isinstance(module, torch.nn.Dropout):
             module.p = max(module.p, p)
-
-
-def _enable_checkpointing(model: torch.nn.Module) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(base, "gradient_checkpointing_enable"):
-        raise ValueError(
-            f"{type(base).__name__} does not support gradient checkpointing; set train.gradient_checkpointing=false."
-        )
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.config.use_cache = False
 
 
 def _lora_base_fixup(emb: Any) -> None:
@@ -114,7 +105,7 @@ class ContrastiveTask:
         if tc.mode == "simcse":
             _set_dropout(self.embedder.model, tc.simcse_dropout)
         if tc.gradient_checkpointing:
-            _enable_checkpointing(self.embedder.model)
+            enable_checkpointing(self.embedder.model)
         self.heads = self.embedder.has_heads
         _check_heads_options(tc, self.heads)
         self.embedder.train()
@@ -162,17 +153,15 @@ class ContrastiveTask:
     def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
         """Forward and backward of one batch (the engine's step() applies the update)."""
         groups = self._groups(batch)
-        autocast = getattr(engine, "autocast_dtype", None)
-        ctx = torch.autocast(engine.device.type, dtype=autocast) if autocast else _nullcontext()
         if self.heads:
-            with ctx:
+            with engine.autocast():
                 q, d = engine.module(*[t for g in groups for t in g])  # dicts of forward_all outputs
                 loss, parts = self._heads_loss(q, d, groups[0][0], groups[1][0])
                 engine.backward(loss)
             out = {"loss": float(loss.detach()), "local_docs": groups[1][0].shape[0]}
             out.update({f"loss_{name}": float(v.detach()) for name, v in parts.items()})
             return out
-        with ctx:
+        with engine.autocast():
             if self.train.chunk_size:
                 loss = gradcache_step(
                     lambda ids, mask: engine.module(ids, mask)[0],
@@ -321,7 +310,7 @@ class MNTPTask:
             )
             enable_bidirectional(lm, self.model_type)
         if tc.gradient_checkpointing:
-            _enable_checkpointing(lm)
+            enable_checkpointing(lm)
         lm.to(device)
         lm.train()
         self.lm = lm
@@ -341,9 +330,7 @@ class MNTPTask:
         b = batch["q_input_ids"].shape[0]
         ids, mask = batch["d_input_ids"][:b], batch["d_attention_mask"][:b]  # (B, L)
         masked, labels = mntp_mask(ids, mask, self.mask_id, self.train.mntp_mask_rate, self.special_ids, self.generator)
-        autocast = getattr(engine, "autocast_dtype", None)
-        ctx = torch.autocast(engine.device.type, dtype=autocast) if autocast else _nullcontext()
-        with ctx:
+        with engine.autocast():
             loss = engine.module(masked, mask, labels)
             engine.backward(loss)
         return {"loss": float(loss.detach()), "masked_tokens": int((labels != -100).sum())}
@@ -374,14 +361,6 @@ class MNTPTask:
         )
         emb = Embedder(encoder.eval(), self.tokenizer, ecfg)
         return emb.save_pretrained(path)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def make_task(cfg: Any, device: torch.device):
