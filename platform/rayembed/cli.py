@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     from rayembed.security import redact_text
 
     prefer_loopback()  # before any command imports ray
+    from rayembed.commands.index import parse_subcommand
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_subcommand(argv) or parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -239,3 +239,34 @@ def write_index_verified(index, path: str | os.PathLike) -> None:
             f"{path} reads back as {back.ntotal} vectors of dim {back.d}, but {index.ntotal} of dim "
             f"{index.d} were written; check the disk and run the build again."
         )
+
+
+def selector_params(index, sel, *, nprobe: int | None = None, ef_search: int | None = None):
+    """FAISS search parameters of the right type for ``index`` carrying the IDSelector ``sel``.
+
+    IVF indexes need ``SearchParametersIVF`` (they refuse the base type), HNSW takes its efSearch
+    from ``SearchParametersHNSW``; an ``IndexIDMap`` translates the selector to its global ids.
+    ``nprobe`` / ``ef_search`` default to the values set on the index.
+    """
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        return faiss.SearchParametersIVF(sel=sel, nprobe=int(nprobe or ivf.nprobe))
+    except RuntimeError:
+        pass
+    inner = inner_index(index)
+    if hasattr(inner, "hnsw"):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=int(ef_search or inner.hnsw.efSearch))
+    return faiss.SearchParameters(sel=sel)
+
+
+def bitmap_selector(mask: np.ndarray):
+    """``(selector, bitmap)``: a FAISS IDSelectorBitmap accepting the ids where ``mask`` (n,) is True.
+
+    Keep the returned bitmap referenced as long as the selector: FAISS borrows its memory.
+    """
+    import faiss
+
+    bitmap = np.packbits(np.asarray(mask, dtype=bool), bitorder="little")  # (ceil(n/8),) uint8
+    return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap)), bitmap

@@ -9,6 +9,14 @@ Layout of an index directory::
     shards/shard-00000.faiss # vectors of ids [id_start, id_end) under their global ids
     shards/shard-00000.json  # sidecar: rows, id range, bytes, sha256 (a shard counts only with it)
     bm25/ sparse/ multivector/  # optional extra parts (see rayembed.index.lexical), in manifest["parts"]
+    shards/delta-v0002-00000.faiss, docs/docs-v0002-00000.parquet  # delta shards of update version 2
+    tombstones/tombstones-v0002.npy  # internal ids deleted or replaced up to version 2 (int64, sorted)
+
+An updated index (``rayembed index update``, :mod:`rayembed.index.update`) has format_version 2:
+its ``shards`` list the base shards and then the delta shards (``"delta": <version>``), whose
+ids continue after the base; ``tombstones`` names the file of dead ids; ``version`` counts the
+manifests written (a fresh build is version 1). Compaction writes a version-1-format manifest
+again, with new base shards and no tombstones.
 
 ``manifest["kind"]`` is ``"dense"`` (FAISS shards, the usual index; manifests without the key
 are dense) or ``"lexical"``: a BM25-only index with the id map and the ``bm25`` part, no FAISS
@@ -28,6 +36,10 @@ from typing import Any
 
 FORMAT = "rayembed-index"
 FORMAT_VERSION = 1
+#: Manifests of updated indexes (delta shards, tombstones) are version 2: a reader that does not
+#: know tombstones must refuse them rather than serve deleted documents.
+FORMAT_VERSION_UPDATED = 2
+READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_UPDATED)
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 TRAINED = "trained.index"
@@ -135,9 +147,9 @@ def check_manifest(m: dict[str, Any], path: Path) -> None:
     """Structural checks: format, required keys, contiguous shard id ranges summing to ntotal."""
     if m.get("format") != FORMAT:
         raise IndexIntegrityError(f"{path} is not a rayembed index manifest (format={m.get('format')!r}).")
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") not in READ_VERSIONS:
         raise IndexIntegrityError(
-            f"{path} has format_version {m.get('format_version')!r}; this rayembed reads {FORMAT_VERSION}. "
+            f"{path} has format_version {m.get('format_version')!r}; this rayembed reads {list(READ_VERSIONS)}. "
             "Rebuild the index with this version."
         )
     kind = kind_of(m)
@@ -205,6 +217,8 @@ def index_files(m: dict[str, Any]) -> list[dict[str, Any]]:
             files.append(s["docs"])
     if m.get("trained"):
         files.append(m["trained"])
+    if m.get("tombstones"):
+        files.append({k: m["tombstones"][k] for k in ("file", "bytes", "sha256")})
     for rec in (m.get("parts") or {}).values():
         files.extend(part_files(rec))
     return files

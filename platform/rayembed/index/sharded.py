@@ -24,9 +24,11 @@ import numpy as np
 from rayembed.index.builder import read_docs_part, read_faiss
 from rayembed.index.faiss_util import (
     IndexSpec,
+    bitmap_selector,
     gpu_available,
     inner_index,
     new_index,
+    selector_params,
     set_search_params,
     to_gpu,
 )
@@ -87,7 +89,8 @@ class DocStore:
 class ShardedIndex:
     """The shards of one index, searched together. Scores are inner products (cosine on unit vectors)."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], shards: list[Any], version: str, use_gpu: bool):
+    def __init__(self, root: Path, manifest: dict[str, Any], shards: list[Any], version: str, use_gpu: bool,
+                 live: np.ndarray | None = None):
         self.root = root
         self.manifest = manifest
         self._shards = shards
@@ -97,6 +100,10 @@ class ShardedIndex:
         self._starts = np.array([s["id_start"] for s in manifest["shards"]], dtype=np.int64)
         self.docs = DocStore(root, manifest["shards"], manifest["ntotal"])
         self._lock = threading.Lock()
+        # Tombstoned ids (deleted or replaced by `rayembed index update`) are skipped inside FAISS
+        # by a bitmap selector over live ids; None when every id is live.
+        self._live = live
+        self._live_sel = bitmap_selector(live) if live is not None else None
         self._params = (None, None)
         self._pool = ThreadPoolExecutor(max_workers=min(len(shards), os.cpu_count() or 1)) if len(shards) > 1 else None
         # IVF shards share one trained coarse quantizer, so their inverted lists can be stacked
@@ -142,7 +149,10 @@ class ShardedIndex:
                     f"{str(want.get('weights_sha256'))[:12]}). Its vectors are not comparable: query it with "
                     "the embedder it was built with, or rebuild it with `rayembed index`."
                 )
-        gpu = gpu_available(use_gpu)
+        from rayembed.index.update import live_mask
+
+        live = live_mask(root, m, verify=verify)
+        gpu = gpu_available(use_gpu) and live is None  # FAISS GPU indexes take no IDSelector
         shards = []
         for i, rec in enumerate(m["shards"]):
             what = f"shard {i}"
@@ -158,7 +168,7 @@ class ShardedIndex:
         version = hashlib.sha256(raw or b"").hexdigest()[:16]
         logger.info("Opened index %s: %d vectors, %d shards, %s, version %s", root, m["ntotal"], len(shards),
                     m.get("factory"), version)
-        return cls(root, m, shards, version, gpu)
+        return cls(root, m, shards, version, gpu, live)
 
     # ------------------------------------------------------------------ properties
 
@@ -169,6 +179,16 @@ class ShardedIndex:
     @property
     def ntotal(self) -> int:
         return int(self.manifest["ntotal"])
+
+    @property
+    def live_count(self) -> int:
+        """Ids a search can return: ntotal less the tombstoned ones."""
+        return self.ntotal if self._live is None else int(self._live.sum())
+
+    @property
+    def manifest_version(self) -> int:
+        """1 for a fresh build, +1 for each update or compaction (``version`` is the manifest hash)."""
+        return int(self.manifest.get("version", 1))
 
     @property
     def num_shards(self) -> int:
@@ -203,10 +223,12 @@ class ShardedIndex:
         self._params = (nprobe, ef_search)
 
     def search(self, query_vectors: np.ndarray, k: int, *, nprobe: int | None = None,
-               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               ef_search: int | None = None, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` over all shards: scores (n, k) float32 and global ids (n, k) int64.
 
-        Where fewer than ``k`` results exist the id is -1 and the score -inf.
+        Where fewer than ``k`` results exist the id is -1 and the score -inf. Tombstoned ids are
+        never returned. ``allowed`` ((ntotal,) bool, e.g. from a metadata filter) restricts the
+        search to those ids inside FAISS (an IDSelector), so a filter costs no over-fetching.
         """
         q = np.ascontiguousarray(query_vectors, dtype=np.float32)
         if q.ndim == 1:
@@ -216,18 +238,40 @@ class ShardedIndex:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
         n = q.shape[0]
-        kk = min(k, self.ntotal)
+        sel = self._live_sel
+        if allowed is not None:
+            allowed = np.asarray(allowed, dtype=bool)
+            if allowed.shape != (self.ntotal,):
+                raise ValueError(f"allowed must be a bool mask of shape ({self.ntotal},); got {allowed.shape}.")
+            if self.on_gpu:
+                raise ValueError("Filtered search needs the index on the CPU (FAISS GPU indexes take no IDSelector); "
+                                 "open it with use_gpu='false'.")
+            if self._live is not None:
+                allowed = allowed & self._live
+            sel = bitmap_selector(allowed)
+            kk = min(k, int(allowed.sum()))
+        else:
+            kk = min(k, self.live_count)
+        if kk == 0:
+            return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
         with self._lock:
-            self._apply(nprobe if nprobe is not None else self._default[0],
-                        ef_search if ef_search is not None else self._default[1])
+            eff = (nprobe if nprobe is not None else self._default[0],
+                   ef_search if ef_search is not None else self._default[1])
+            self._apply(*eff)
+            if sel is not None:
+                def one(s):
+                    return s.search(q, kk, params=selector_params(s, sel[0], nprobe=eff[0], ef_search=eff[1]))
+            else:
+                def one(s):
+                    return s.search(q, kk)
             if self._stacked is not None:
-                parts = [self._stacked[-1].search(q, kk)]
+                parts = [one(self._stacked[-1])]
             elif self._pool is None or n >= 64 or not self._scan_heavy:
                 # Large batches: each shard already uses every core (OpenMP over queries).
                 # IVF/HNSW single queries: a shard takes microseconds, less than a thread hop.
-                parts = [s.search(q, kk) for s in self._shards]
+                parts = [one(s) for s in self._shards]
             else:
-                parts = list(self._pool.map(lambda s: s.search(q, kk), self._shards))
+                parts = list(self._pool.map(one, self._shards))
         if len(parts) == 1:
             scores, ids = parts[0]
         else:
@@ -308,12 +352,15 @@ class ShardedIndex:
                 idmap = faiss.downcast_index(shard)
                 ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
                 vecs = inner_index(shard).reconstruct_n(0, shard.ntotal)  # (rows, dim)
-                out.add_with_ids(vecs, ids)
+                keep = np.ones(len(ids), bool) if self._live is None else self._live[ids]
+                out.add_with_ids(np.ascontiguousarray(vecs[keep]), np.ascontiguousarray(ids[keep]))
             else:
                 out.merge_from(shard, 0)
+        if self._live is not None and not hnsw:
+            out.remove_ids(faiss.IDSelectorBatch(np.flatnonzero(~self._live).astype(np.int64)))
         set_search_params(out, nprobe=self._default[0], ef_search=self._default[1])
-        if out.ntotal != self.ntotal:
-            raise IndexIntegrityError(f"Merged index holds {out.ntotal} vectors, expected {self.ntotal}.")
+        if out.ntotal != self.live_count:
+            raise IndexIntegrityError(f"Merged index holds {out.ntotal} vectors, expected {self.live_count}.")
         return out
 
     def close(self) -> None:

@@ -57,6 +57,10 @@ class ServeArgs(BaseModel):
     )
     index_dir: str | None = Field(None, description="Index folder to serve; overrides serve.index_dir.")
     embedder: str | None = Field(None, description="Embedder folder or name; overrides serve.embedder.")
+    index_version: str | None = Field(
+        None, description="Manifest version to serve (set by swap_index, so an updated index in the same folder "
+        "is reloaded)."
+    )
 
 
 def build_app(args: ServeArgs):
@@ -153,7 +157,11 @@ def build_app_from_config(cfg, *, index_dir: str | os.PathLike | None = None, em
         reranker = LLMRerankerDeployment.options(**s.reranker.serve_options()).bind(
             resolve_reranker(s.reranker.path), settings
         )
-    return Retriever.options(**s.retriever.serve_options(), user_config={"index_dir": str(idx_dir)}).bind(
+    from rayembed.serving.server import manifest_version
+
+    # The version makes an updated manifest in the same folder (`rayembed index update`) a new user_config.
+    user_config = {"index_dir": str(idx_dir), "version": manifest_version(idx_dir)}
+    return Retriever.options(**s.retriever.serve_options(), user_config=user_config).bind(
         encoder, settings, model_name, reranker
     )
 

@@ -114,7 +114,8 @@ class Retriever:
         if not index_dir:
             raise ValueError("Retriever user_config needs 'index_dir', the folder holding manifest.json.")
         async with self._swap_lock:
-            if self._loaded is not None and self._loaded.index_dir == str(index_dir):
+            if (self._loaded is not None and self._loaded.index_dir == str(index_dir)
+                    and (user_config or {}).get("version") in (None, self._loaded.version)):
                 return
             info = await self._info()
             t0 = time.perf_counter()

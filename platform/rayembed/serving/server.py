@@ -248,6 +248,7 @@ def swap_index(index_dir: str | os.PathLike, timeout_s: float = 300.0) -> str:
     version = manifest_version(new_dir)
     schema = _RUN["schema"]
     schema["applications"][0]["args"]["index_dir"] = str(new_dir)
+    schema["applications"][0]["args"]["index_version"] = version  # same folder, updated manifest: still a swap
     name = schema["applications"][0]["name"]
     t0 = time.perf_counter()
     _apply(schema)
