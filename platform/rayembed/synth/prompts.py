@@ -257,7 +257,10 @@ _SHORT_FIELD_CHARS = 80  # labels (long-short)
 _SCORE_KEYS = ("S2_score", "S3_score")
 
 
-_MAX_WORD_CHARS = 25
+_MAX_WORD_CHARS = 20
+# Words allowed per character of budget: a word may cost 3 tokens (digits are one token each in
+# SmolLM2's vocabulary), and a token is budgeted at 3 characters.
+_CHARS_PER_WORD_BUDGET = 9
 _TASK_MIN_WORDS = 4  # parse_task_list keeps tasks of at least 4 words
 
 
@@ -270,12 +273,14 @@ def _words(min_words: int, max_chars: int) -> dict[str, Any]:
 
     A pattern, because llguidance cannot intersect a pattern with minLength/maxLength; the word
     count is what the validator checks (and what stops a small model answering with one
-    CamelCase token). Words hold no quote or backslash: the reply needs no escapes.
+    CamelCase token). The text opens with no digit or punctuation (no runs of numbers: "1, 2, 3, ..." is how a
+    small model loses its budget). Words hold no quote or backslash: the reply needs no escapes.
     """
     min_words = max(1, min_words)
-    max_words = max(min_words, max_chars // 6)
+    max_words = max(min_words, max_chars // _CHARS_PER_WORD_BUDGET)
     word = f'[^ "\\\\]{{1,{_MAX_WORD_CHARS}}}'
-    return {"type": "string", "pattern": f"^{word}( {word}){{{min_words - 1},{max_words - 1}}}$"}
+    first = f'[^ 0-9"\\\\,.;:!?(){{}}\\[\\]-][^ "\\\\]{{0,{_MAX_WORD_CHARS - 1}}}'
+    return {"type": "string", "pattern": f"^{first}( {word}){{{min_words - 1},{max_words - 1}}}$"}
 
 
 def response_schema(stage: str, task_type: str, ph: dict[str, Any], max_tokens: int, *,
