@@ -94,6 +94,16 @@ def overhead(n_prompts: int, max_tokens: int, threads: int | None) -> dict:
     return out
 
 
+def _reject_samples(out: Path, chars: int = 240) -> dict[str, str]:
+    """One rejected reply per reason, cut to ``chars``: what the numbers mean in the model's words."""
+    samples: dict[str, str] = {}
+    for f in sorted((out / "_rejects").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            samples.setdefault(f"{r['stage']}:{r['reason']}", (r.get("reply") or "")[:chars])
+    return samples
+
+
 def accept_rates(modes: list[str], num_examples: str | None, tmp: str) -> dict:
     from rayembed.config import load_config
     from rayembed.runtime import init_ray
@@ -126,6 +136,7 @@ def accept_rates(modes: list[str], num_examples: str | None, tmp: str) -> dict:
                 "rows_by_task_type": s["rows_by_task_type"],
                 "completion_tokens": s["completion_tokens"],
                 "s": round(time.perf_counter() - t0, 1),
+                "reject_samples": _reject_samples(Path(s["output_dir"])),
             }
             print(mode, json.dumps(out[mode]), flush=True)
     finally:
