@@ -223,12 +223,15 @@ class ShardedIndex:
         self._params = (nprobe, ef_search)
 
     def search(self, query_vectors: np.ndarray, k: int, *, nprobe: int | None = None,
-               ef_search: int | None = None, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               ef_search: int | None = None, allowed: np.ndarray | None = None,
+               filter: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` over all shards: scores (n, k) float32 and global ids (n, k) int64.
 
         Where fewer than ``k`` results exist the id is -1 and the score -inf. Tombstoned ids are
         never returned. ``allowed`` ((ntotal,) bool, e.g. from a metadata filter) restricts the
         search to those ids inside FAISS (an IDSelector), so a filter costs no over-fetching.
+        ``filter``: a metadata filter (see :mod:`rayembed.index.filters`), compiled to ``allowed``
+        over the index's field index; a bad one raises :class:`~rayembed.index.filters.FilterError`.
         """
         q = np.ascontiguousarray(query_vectors, dtype=np.float32)
         if q.ndim == 1:
@@ -239,6 +242,9 @@ class ShardedIndex:
             raise ValueError(f"k must be at least 1, got {k}.")
         n = q.shape[0]
         sel = self._live_sel
+        if filter is not None:
+            fmask = self.filter_mask(filter)
+            allowed = fmask if allowed is None else (np.asarray(allowed, dtype=bool) & fmask)
         if allowed is not None:
             allowed = np.asarray(allowed, dtype=bool)
             if allowed.shape != (self.ntotal,):
@@ -290,6 +296,19 @@ class ShardedIndex:
             scores = np.concatenate([scores, np.full((n, k - kk), -np.inf, np.float32)], axis=1)
             ids = np.concatenate([ids, np.full((n, k - kk), -1, np.int64)], axis=1)
         return scores, ids
+
+    def field_index(self):
+        """The metadata :class:`~rayembed.index.filters.FieldIndex`, built on first use from the id map."""
+        with self._lock:
+            if getattr(self, "_fields", None) is None:
+                from rayembed.index.filters import build_field_index
+
+                self._fields = build_field_index(self)
+            return self._fields
+
+    def filter_mask(self, flt: dict[str, Any]) -> np.ndarray:
+        """``(ntotal,)`` bool of the ids matching the metadata filter ``flt`` (tombstones not applied)."""
+        return self.field_index().mask(flt)
 
     @staticmethod
     def _stack_ivf(shards: list[Any]):

@@ -198,26 +198,43 @@ class HybridSearcher:
                                  f"{have} only. Rebuild it with index.parts including multivector.")
         return out
 
-    def _retrieve(self, method: str, queries: list[str], depth: int, instruction: str | None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, global ids) (nq, depth) of one method; id -1 where it found nothing."""
-        if method == "bm25":
-            return self.bm25.search(queries, depth)
+    def _retrieve(self, method: str, queries: list[str], depth: int, instruction: str | None,
+                  allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, global ids) (nq, depth) of one method; id -1 where it found nothing.
+
+        ``allowed`` ((ntotal,) bool, a metadata filter): applied inside FAISS for dense; bm25 and
+        sparse drop the ids outside it from a deeper list.
+        """
         if method == "dense":
             q = self.embedder.encode(queries, instruction=instruction)  # (nq, dim)
-            return self.dense.search(q, depth)
-        q = self.embedder.encode_sparse(queries, instruction=instruction)  # csr (nq, vocab)
-        return self.sparse.search(q, depth)
+            return self.dense.search(q, depth, allowed=allowed)
+        if method == "bm25":
+            scores, ids = self.bm25.search(queries, depth if allowed is None else self.ntotal)
+        else:
+            q = self.embedder.encode_sparse(queries, instruction=instruction)  # csr (nq, vocab)
+            scores, ids = self.sparse.search(q, depth if allowed is None else self.ntotal)
+        if allowed is None:
+            return scores, ids
+        keep = (ids >= 0) & allowed[np.clip(ids, 0, None)]
+        out_s = np.full((len(ids), depth), -np.inf, np.float32)
+        out_i = np.full((len(ids), depth), -1, np.int64)
+        for r in range(len(ids)):
+            sel = np.flatnonzero(keep[r])[:depth]
+            out_s[r, : len(sel)] = scores[r, sel]
+            out_i[r, : len(sel)] = ids[r, sel]
+        return out_s, out_i
 
     def search(self, queries: list[str], k: int, *, methods: Mapping[str, float] | None = None,
                fusion: str = "rrf", instruction: str | None = None, rerank: str | None = None,
-               rerank_top: int = 100, candidates: int = 100, rrf_k: int = 60) -> list[list[dict]]:
+               rerank_top: int = 100, candidates: int = 100, rrf_k: int = 60,
+               filter: dict[str, Any] | None = None) -> list[list[dict]]:
         """Top-``k`` hits per query: ``{"doc_id", "score", "text", "title", "scores": {method: raw}}``.
 
         ``methods``: method -> weight (``None``: dense only, or bm25 only on a BM25-only index).
         ``fusion``: ``"rrf"`` (weights scale each method's 1/(rrf_k + rank)) or ``"weighted_sum"``
         (min-max normalised scores, weighted). ``instruction``: the query instruction for the
         model-encoded methods. ``rerank="multivector"``: MaxSim over the fused top ``rerank_top``.
+        ``filter``: a metadata filter (:mod:`rayembed.index.filters`), e.g. ``{"lang": "en"}``.
         """
         if isinstance(queries, str):
             queries = [queries]
@@ -235,7 +252,12 @@ class HybridSearcher:
         if rerank:
             depth = max(depth, rerank_top)
         depth = min(depth, self.ntotal)
-        raw = {m: self._retrieve(m, queries, depth, instruction) for m in weights}
+        allowed = None
+        if filter is not None:
+            if self.dense is None:
+                raise ValueError("Metadata filters need the dense part's field index; this index is BM25-only.")
+            allowed = self.dense.filter_mask(filter)
+        raw = {m: self._retrieve(m, queries, depth, instruction, allowed) for m in weights}
         # Doc ids (and texts) of every global id any method returned, read once.
         gids = np.unique(np.concatenate([ids.ravel() for _, ids in raw.values()]))
         gids = gids[gids >= 0]

@@ -75,6 +75,8 @@ class SearchPlan:
     rerank_top: int = 0
     nprobe: int | None = None
     ef_search: int | None = None
+    filter: dict[str, Any] | None = None
+    allowed: Any = None  # (ntotal,) bool mask of the filter, checked at planning
 
     @property
     def needs(self) -> set[str]:
@@ -109,6 +111,14 @@ def plan_search(req: SearchRequest, cfg, loaded: Loaded) -> SearchPlan:
     else:
         plan.methods = {"dense": 1.0}
         plan.nprobe, plan.ef_search = _search_params(req, cfg, loaded)
+    if req.filter is not None:
+        from rayembed.index.filters import FilterError
+
+        try:
+            plan.allowed = loaded.index.filter_mask(req.filter)
+        except FilterError as e:
+            raise InvalidRequest(f"filter.{e.field}" if e.field else "filter", str(e)) from None
+        plan.filter = req.filter
     return plan
 
 
@@ -208,7 +218,8 @@ class Encoded:
 def run_search(loaded: Loaded, plan: SearchPlan, enc: Encoded) -> list[list[dict[str, Any]]]:
     """Hits per query, ``{"doc_id", "score", "text", "title", "scores"}``: blocking, for a worker thread."""
     if not plan.hybrid:
-        scores, ids = loaded.index.search(enc.dense, plan.k, nprobe=plan.nprobe, ef_search=plan.ef_search)  # (n, k)
+        scores, ids = loaded.index.search(enc.dense, plan.k, nprobe=plan.nprobe, ef_search=plan.ef_search,
+                                          allowed=plan.allowed)  # (n, k)
         out = []
         for qi in range(len(plan.queries)):
             row_ids = [int(i) for i in ids[qi] if i >= 0]
@@ -225,7 +236,7 @@ def run_search(loaded: Loaded, plan: SearchPlan, enc: Encoded) -> list[list[dict
                               multivector=s.multivector, embedder=enc)
     return searcher.search(
         plan.queries, plan.k, methods=plan.methods, fusion=plan.fusion, instruction=plan.instruction,
-        rerank=plan.rerank, rerank_top=plan.rerank_top, candidates=max(100, plan.k),
+        rerank=plan.rerank, rerank_top=plan.rerank_top, candidates=max(100, plan.k), filter=plan.filter,
     )
 
 

@@ -10,7 +10,7 @@ so the ``openai`` client raises its usual exceptions with a readable message.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -67,6 +67,12 @@ class SearchRequest(BaseModel):
     )
     rerank_top: StrictInt | None = Field(
         None, description="How many fused hits the reranker re-scores (1..serve.max_rerank_top, default 100)."
+    )
+    filter: dict[StrictStr, Any] | None = Field(
+        None,
+        description="Metadata filter applied inside the search: equality, {\"in\": [...]} and numeric ranges "
+        "(gt, gte, lt, lte) per field, all of which must hold.",
+        examples=[{"lang": "en", "year": {"gte": 2015}}],
     )
 
     @property
