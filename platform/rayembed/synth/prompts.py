@@ -268,7 +268,7 @@ def _string(min_len: int, max_len: int) -> dict[str, Any]:
     return {"type": "string", "minLength": min_len, "maxLength": max(min_len, max_len)}
 
 
-def _words(min_words: int, max_chars: int) -> dict[str, Any]:
+def _words(min_words: int, max_chars: int, digits: bool = True) -> dict[str, Any]:
     """A string of ``min_words`` or more space-separated words, at most about ``max_chars`` long.
 
     A pattern, because llguidance cannot intersect a pattern with minLength/maxLength; the word
@@ -278,7 +278,7 @@ def _words(min_words: int, max_chars: int) -> dict[str, Any]:
     """
     min_words = max(1, min_words)
     max_words = max(min_words, max_chars // _CHARS_PER_WORD_BUDGET)
-    word = f'[^ "\\\\]{{1,{_MAX_WORD_CHARS}}}'
+    word = f'[^ "\\\\{"" if digits else "0-9()"}]{{1,{_MAX_WORD_CHARS}}}'
     first = f'[^ 0-9"\\\\,.;:!?(){{}}\\[\\]-][^ "\\\\]{{0,{_MAX_WORD_CHARS - 1}}}'
     return {"type": "string", "pattern": f"^{first}( {word}){{{min_words - 1},{max_words - 1}}}$"}
 
@@ -298,7 +298,8 @@ def response_schema(stage: str, task_type: str, ph: dict[str, Any], max_tokens: 
     if stage == "brainstorm":
         n = int(ph.get("n", 1))
         per_item = max(40, min(400, (budget // max(1, n) - 4) * _CHARS_PER_TOKEN))
-        item = _words(_TASK_MIN_WORDS, per_item)
+        # Task definitions need no digits; forbidding them stops "(1) (2) (3) ..." runs.
+        item = _words(_TASK_MIN_WORDS, per_item, digits=False)
         return {
             "type": "object",
             "properties": {"tasks": {"type": "array", "items": item, "minItems": n, "maxItems": n}},
