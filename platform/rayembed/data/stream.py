@@ -1,5 +1,9 @@
 """Stream training rows from Parquet shards into Ray Train workers, tokenised, in a fixed order.
 
+Owns the stream spec, finding the shards, the tokenising actor and the Ray Data pipeline;
+the worker side (shuffle buffer, batching, negative filling, padding) is
+:mod:`rayembed.data.collate`, the tokenisation rules :mod:`rayembed.modeling.tokenization`.
+
 The path of one example::
 
     Parquet shards (unified schema, already shuffled on disk by ``rayembed data build``)
@@ -55,11 +59,12 @@ import logging
 import os
 import random
 import time
-from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rayembed.data.collate import NegativeFiller, Row, buffer_shuffle, collate, group_rows
 
 logger = logging.getLogger(__name__)
 
@@ -199,50 +204,30 @@ def parquet_read_args(files: list[str]) -> tuple[list[str], Any]:
 # ----------------------------------------------------------------------------- tokenising
 
 
-class TokenizerView:
-    """An embedder's tokenizer side without its weights: ``format_query``, ``tokenize_ids``, ``pad``.
-
-    The methods are the :class:`~rayembed.modeling.embedder.Embedder`'s own (borrowed, not
-    copied), so the template, EOS and padding rules cannot drift from inference. Loading
-    only the tokenizer keeps each tokenising task small even for a 7B backbone.
-    """
-
-    def __init__(self, tokenizer: Any, config: Any):
-        self.tokenizer = tokenizer
-        self.config = config
-        self._warned_truncation = False
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = config.padding_side
-
-
-def _bind_embedder_methods() -> None:
-    from rayembed.modeling.embedder import Embedder
-
-    for name in ("format_query", "tokenize_ids", "pad", "tokenize"):
-        setattr(TokenizerView, name, getattr(Embedder, name))
-    TokenizerView._check_texts = staticmethod(Embedder._check_texts)
-
-
 @functools.lru_cache(maxsize=4)
 def load_text_encoder(tokenizer_dir: str):
-    """The tokenizer side of an embedder (template, EOS, padding side), cached per process.
+    """The :class:`~rayembed.modeling.tokenization.TextTokenizer` of an embedder (template, EOS,
+    padding), cached per process.
 
-    A saved embedder folder (with ``embedder_config.json``) loads its tokenizer only; any
-    other name (a registered model, a Hugging Face folder) loads the whole embedder.
+    A saved embedder folder (with ``embedder_config.json``) loads its tokenizer only, which keeps
+    each tokenising actor small even for a 7B backbone; any other name (a registered model, a
+    Hugging Face folder) loads the embedder to learn its defaults.
     """
     import json
 
     from rayembed.modeling.embedder import CONFIG_NAME, Embedder, EmbedderConfig
+    from rayembed.modeling.tokenization import TextTokenizer
 
     path = Path(tokenizer_dir)
     if (path / CONFIG_NAME).is_file():
         from transformers import AutoTokenizer
 
-        _bind_embedder_methods()
         ecfg = EmbedderConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-        return TokenizerView(AutoTokenizer.from_pretrained(path), ecfg)
-    return Embedder.from_pretrained(tokenizer_dir, device="cpu")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        text = TextTokenizer(tokenizer, ecfg)
+        tokenizer.padding_side = ecfg.padding_side
+        return text
+    return Embedder.from_pretrained(tokenizer_dir, device="cpu").text
 
 
 def _pick_negatives(negs: list[str] | None, n: int, seed: int, row_id: str) -> list[str]:
@@ -413,9 +398,6 @@ class LocalShard:
 # ----------------------------------------------------------------------------- worker side
 
 
-Row = tuple  # (id, source, q_ids, p_ids, n_ids)
-
-
 def _iter_rows(shard, spec: StreamSpec) -> Iterator[Row]:
     it = shard.iter_batches(
         batch_size=max(spec.batch_size, 64),
@@ -424,58 +406,8 @@ def _iter_rows(shard, spec: StreamSpec) -> Iterator[Row]:
         drop_last=False,
     )
     for tb in it:
-        ids = tb.column("id").to_pylist()
-        src = tb.column("source").to_pylist()
-        q = tb.column("q_ids").to_pylist()
-        p = tb.column("p_ids").to_pylist()
-        n = tb.column("n_ids").to_pylist()
-        yield from zip(ids, src, q, p, n)
-
-
-def _buffer_shuffle(rows: Iterator[Row], size: int, rng: random.Random) -> Iterator[Row]:
-    """A seeded shuffle buffer over rows: deterministic for a given row order."""
-    buf: list[Row] = []
-    for r in rows:
-        if len(buf) < size:
-            buf.append(r)
-            continue
-        j = rng.randrange(size)
-        out, buf[j] = buf[j], r
-        yield out
-    rng.shuffle(buf)
-    yield from buf
-
-
-def _group(rows: Iterator[Row], spec: StreamSpec) -> Iterator[list[Row]]:
-    """Batches of ``batch_size`` rows; one source per batch when ``homogeneous_batches``.
-
-    In one-source mode each source fills its own batch; at the end of the stream the partial
-    per-source batches are merged, in first-seen source order, into mixed batches, so a
-    worker yields ``rows // batch_size`` batches either way (equal across workers).
-    """
-    b = spec.batch_size
-    if not spec.homogeneous_batches:
-        cur: list[Row] = []
-        for r in rows:
-            cur.append(r)
-            if len(cur) == b:
-                yield cur
-                cur = []
-        if cur and not spec.drop_last:
-            yield cur
-        return
-    pending: OrderedDict[str, list[Row]] = OrderedDict()
-    for r in rows:
-        lst = pending.setdefault(r[1], [])
-        lst.append(r)
-        if len(lst) == b:
-            yield lst
-            del pending[r[1]]
-    rest = [r for lst in pending.values() for r in lst]
-    for i in range(0, len(rest), b):
-        chunk = rest[i : i + b]
-        if len(chunk) == b or not spec.drop_last:
-            yield chunk
+        columns = [tb.column(name).to_pylist() for name in Row._fields]
+        yield from map(Row._make, zip(*columns))
 
 
 def _world_rank() -> int:
@@ -520,59 +452,24 @@ def iter_train_batches(shard, spec: StreamSpec, skip_batches: int = 0, *, rank: 
     rank = _world_rank() if rank is None else rank
     rows: Iterator[Row] = _iter_rows(shard, spec)
     if spec.shuffle and spec.shuffle_buffer_rows > 1:
-        rows = _buffer_shuffle(rows, spec.shuffle_buffer_rows, random.Random(f"shuffle:{spec.seed}:{rank}"))
-    groups = _group(rows, spec)
-    n = spec.num_negatives
-    pool: deque[tuple[int, ...]] = deque(maxlen=max(1, spec.fill_pool_size))
-    empty_doc: list[int] | None = None
+        rows = buffer_shuffle(rows, spec.shuffle_buffer_rows, random.Random(f"shuffle:{spec.seed}:{rank}"))
+    groups = group_rows(rows, spec.batch_size, homogeneous=spec.homogeneous_batches, drop_last=spec.drop_last)
+    filler = NegativeFiller(
+        spec.num_negatives, spec.fill_pool_size, seed=spec.seed, rank=rank,
+        empty_doc=lambda: enc.tokenize_ids([""], max_length=spec.doc_max_length)[0],
+    )
     meter = _Meter(spec.log_every_s)
     cur = next(groups, None)
     idx = 0
     while cur is not None:
         nxt = next(groups, None)
-        if not pool and nxt is not None and n:
-            pool.extend(tuple(r[3]) for r in nxt)  # prime with look-ahead, first batch only
+        if nxt is not None:
+            filler.prime(nxt)  # first batch only: the pool is empty
         if idx >= skip_batches:
-            docs_neg: list[list[int]] = []
-            filled = 0
-            if n:
-                rng = random.Random(f"fill:{spec.seed}:{rank}:{idx}")
-                in_batch = {tuple(r[3]) for r in cur}
-                cands = [d for d in pool if d not in in_batch]
-                for r in cur:
-                    negs = list(r[4])[:n]
-                    own = tuple(r[3])
-                    while len(negs) < n:
-                        filled += 1
-                        usable = [c for c in cands if c != own] if cands else []
-                        if usable:
-                            negs.append(list(usable[rng.randrange(len(usable))]))
-                        elif r[4]:
-                            negs.append(list(r[4][len(negs) % len(r[4])]))
-                        else:
-                            if empty_doc is None:
-                                empty_doc = enc.tokenize_ids([""], max_length=spec.doc_max_length)[0]
-                            negs.append(list(empty_doc))
-                    docs_neg.extend(negs)
-            q = enc.pad([r[2] for r in cur])
-            d = enc.pad([r[3] for r in cur] + docs_neg)
-            ntok = int(q["attention_mask"].sum()) + int(d["attention_mask"].sum())
-            batch = {
-                "q_input_ids": q["input_ids"],  # (B, Lq)
-                "q_attention_mask": q["attention_mask"],  # (B, Lq)
-                "d_input_ids": d["input_ids"],  # (B*(1+n), Ld)
-                "d_attention_mask": d["attention_mask"],  # (B*(1+n), Ld)
-                "source": [r[1] for r in cur],
-                "id": [r[0] for r in cur],
-                "num_filled": filled,
-                "num_tokens": ntok,
-            }
-            if device is not None:
-                for k in ("q_input_ids", "q_attention_mask", "d_input_ids", "d_attention_mask"):
-                    batch[k] = batch[k].to(device, non_blocking=True)
-            meter.add(len(cur), ntok)
+            negatives, filled = filler.fill(cur, idx)
+            batch = collate(cur, negatives, filled, enc, device)
+            meter.add(len(cur), batch["num_tokens"])
             yield batch
-        if n:
-            pool.extend(tuple(r[3]) for r in cur)
+        filler.remember(cur)
         cur = nxt
         idx += 1

@@ -475,21 +475,15 @@ def embedder_args(cfg: Any) -> tuple[str, dict[str, Any]]:
     example, force left padding onto an encoder registered with right padding, and change its
     vectors and identity.
     """
-    from rayembed.config import ModelConfig
+    from rayembed.modeling.loading import pretrained_kwargs
 
     m, enc = cfg.model, cfg.index.encode
     name = cfg.index.embedder or m.name_or_path
-    device = m.device or ("cuda" if enc.num_gpus_per_actor > 0 else "cpu")
-    kwargs: dict[str, Any] = dict(dtype=m.dtype, device=device, trust_remote_code=m.trust_remote_code,
-                                  cache=m.cache_dir, max_length=enc.max_length)
-    if cfg.index.embedder or "://" in str(name) or (Path(name) / "embedder_config.json").is_file():
-        return name, kwargs
-    defaults = ModelConfig()
-    kwargs["gguf_file"] = m.gguf_file
-    for key in ("pooling", "normalize", "max_length", "query_template", "attention", "padding_side"):
-        value = getattr(m, key)
-        if value != getattr(defaults, key) and kwargs.get(key) is None:
-            kwargs[key] = None if value == "auto" else value
+    own = cfg.index.embedder or "://" in str(name) or (Path(name) / "embedder_config.json").is_file()
+    kwargs = pretrained_kwargs(m, settings="none" if own else "changed", heads=False,
+                               device=m.device or ("cuda" if enc.num_gpus_per_actor > 0 else "cpu"))
+    if enc.max_length is not None or "max_length" not in kwargs:
+        kwargs["max_length"] = enc.max_length  # index.encode.max_length wins over model.max_length
     return name, kwargs
 
 

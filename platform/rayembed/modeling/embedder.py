@@ -1,5 +1,10 @@
 """The Embedder: text in, L2-normalised float32 vectors out, the same way in every stage.
 
+Owns pooling, ``encode`` (dense, and the heads' sparse and multi-vector outputs), the
+``embedder_config.json`` it saves and loads, and its identity hashes. Tokenisation rules live
+in :mod:`rayembed.modeling.tokenization`; device, dtype, backbone loading, LoRA and the atomic
+folder write in :mod:`rayembed.modeling.loading`.
+
 A saved embedder is a folder::
 
     embedder_config.json      pooling, normalisation, max length, query template, attention
@@ -32,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +49,18 @@ from rayembed.config.model import DEFAULT_QUERY_TEMPLATE, LoRAConfig, ModelConfi
 from rayembed.modeling import backbones
 from rayembed.modeling.bidirectional import check_supported, enable_bidirectional
 from rayembed.modeling.heads import HEADS_FILE, MultiVectorHead, SparseHead, special_token_mask
+from rayembed.modeling.loading import (
+    base_model_id,
+    load_hf_model,
+    peft_lora_config,
+    pick_device,
+    pick_dtype,
+    pretrained_kwargs,
+    require_safetensors,
+    save_model_folder,
+    split_base_model,
+)
+from rayembed.modeling.tokenization import TextTokenizer, check_texts
 
 logger = logging.getLogger(__name__)
 
@@ -91,21 +107,6 @@ class EmbedderConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not '{dtype}'.") from None
-
-
 class Embedder(torch.nn.Module):
     """A backbone plus pooling. ``forward`` is differentiable; ``encode`` is for inference."""
 
@@ -116,16 +117,9 @@ class Embedder(torch.nn.Module):
         self.config = config
         self.source = source  # the folder this was loaded from, if any
         self.uri: str | None = None  # the storage URI it was downloaded from, if any
-        self._warned_truncation = False
         if config.attention == "bidirectional":
             enable_bidirectional(self.model, config.model_type)
-        if config.append_eos and tokenizer.eos_token_id is None:
-            raise ValueError(
-                f"Tokenizer of '{config.base_model}' has no EOS token, but last-token pooling needs one. "
-                "Set the tokenizer's eos_token, or use pooling=mean."
-            )
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        self.text = TextTokenizer(tokenizer, config)  # template, EOS and padding rules
         if config.dim is None:
             config.dim = int(self._hidden_size())
         self.sparse_head: SparseHead | None = None
@@ -142,30 +136,7 @@ class Embedder(torch.nn.Module):
         embedder keeps its own pooling, attention, template and padding, and an encoder keeps
         its right padding, unless the config asks otherwise.
         """
-        defaults = ModelConfig()
-
-        def changed(name: str):
-            value = getattr(cfg, name)
-            return None if value == getattr(defaults, name) else value
-
-        return cls.from_pretrained(
-            cfg.name_or_path,
-            gguf_file=cfg.gguf_file,
-            pooling=None if cfg.pooling == "auto" else cfg.pooling,
-            normalize=changed("normalize"),
-            max_length=changed("max_length"),
-            query_template=changed("query_template"),
-            attention=changed("attention"),
-            padding_side=changed("padding_side"),
-            dtype=cfg.dtype,
-            device=cfg.device,
-            trust_remote_code=cfg.trust_remote_code,
-            lora=cfg.lora if cfg.lora.enabled else None,
-            cache=cfg.cache_dir,
-            sparse=cfg.heads.sparse or None,
-            multivector=cfg.heads.multivector or None,
-            multivector_dim=cfg.heads.multivector_dim,
-        )
+        return cls.from_pretrained(cfg.name_or_path, **pretrained_kwargs(cfg, settings="changed", lora=True))
 
     @classmethod
     def from_pretrained(
@@ -207,8 +178,8 @@ class Embedder(torch.nn.Module):
 
             # A folder in object storage: a verified copy in the local cache, keyed by its marker.
             uri, name = name, str(localize(name, what="embedder folder"))
-        dev = _pick_device(device)
-        torch_dtype = _pick_dtype(dtype, dev)
+        dev = pick_device(device)
+        torch_dtype = pick_dtype(dtype, dev)
         path = Path(name)
         saved = path / CONFIG_NAME
         if path.exists() and path.is_dir() and not saved.exists() and not (path / "config.json").exists():
@@ -552,72 +523,23 @@ class Embedder(torch.nn.Module):
             model = model.get_base_model()
         return model.config
 
-    def format_query(self, text: str, instruction: str) -> str:
-        return self.config.query_template.format(instruction=instruction, text=text)
+    # The text side (rayembed.modeling.tokenization), also reachable on the embedder itself.
 
-    @staticmethod
-    def _check_texts(texts: str | Sequence[str]) -> list[str]:
-        if isinstance(texts, str):
-            return [texts]
-        if not isinstance(texts, (list, tuple)) and not hasattr(texts, "__iter__"):
-            raise TypeError(f"Expected a string or a list of strings, got {type(texts).__name__}.")
-        out = list(texts)
-        for i, t in enumerate(out):
-            if not isinstance(t, str):
-                raise TypeError(
-                    f"Text {i} is a {type(t).__name__}, not a string: {t!r:.80}. Convert it with str() or drop it."
-                )
-        return out
+    def format_query(self, text: str, instruction: str) -> str:
+        return self.text.format_query(text, instruction)
+
+    _check_texts = staticmethod(check_texts)
 
     def tokenize_ids(self, texts: str | Sequence[str], max_length: int | None = None) -> list[list[int]]:
-        """Token ids per text, unpadded. Decoders get exactly one trailing EOS, always.
-
-        Truncation keeps room for the EOS. Some tokenizers add EOS themselves and some
-        releases stopped doing so: trailing EOS tokens are stripped and one is appended.
-        """
-        texts = self._check_texts(texts)
-        limit = int(max_length or self.config.max_length)
-        empty = sum(1 for t in texts if not t.strip())
-        if empty:
-            logger.warning("%d of %d texts are empty; they are embedded as empty input.", empty, len(texts))
-        if not self.config.append_eos:
-            enc = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=limit)["input_ids"]
-            return [list(x) for x in enc]
-        eos = self.tokenizer.eos_token_id
-        enc = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        out, truncated = [], 0
-        for ids in enc:
-            ids = list(ids)
-            while ids and ids[-1] == eos:
-                ids.pop()
-            if len(ids) > limit - 1:
-                ids = ids[: limit - 1]
-                truncated += 1
-            ids.append(eos)
-            out.append(ids)
-        if truncated and not self._warned_truncation:
-            logger.warning("%d of %d texts were truncated to %d tokens.", truncated, len(texts), limit)
-            self._warned_truncation = True
-        return out
+        """Token ids per text, unpadded; see :meth:`TextTokenizer.tokenize_ids`."""
+        return self.text.tokenize_ids(texts, max_length)
 
     def pad(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        """Pad id lists on the configured side into ``input_ids`` and ``attention_mask``."""
-        pad_id = self.tokenizer.pad_token_id
-        longest = max((len(x) for x in batch_ids), default=1)
-        ids = torch.full((len(batch_ids), longest), pad_id, dtype=torch.long)  # (B, L)
-        mask = torch.zeros((len(batch_ids), longest), dtype=torch.long)  # (B, L)
-        for i, row in enumerate(batch_ids):
-            n = len(row)
-            if self.config.padding_side == "left":
-                ids[i, longest - n :] = torch.tensor(row, dtype=torch.long)
-                mask[i, longest - n :] = 1
-            else:
-                ids[i, :n] = torch.tensor(row, dtype=torch.long)
-                mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        """Pad id lists on the configured side; see :meth:`TextTokenizer.pad`."""
+        return self.text.pad(batch_ids)
 
     def tokenize(self, texts: str | Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        return self.pad(self.tokenize_ids(texts, max_length))
+        return self.text.tokenize(texts, max_length)
 
     # ------------------------------------------------------------------ ids -> vectors
 
@@ -765,87 +687,11 @@ class Embedder(torch.nn.Module):
         return ident
 
 
-def save_model_folder(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, *, merge_lora: bool,
-                      finish: Any) -> Path:
-    """Write a model folder atomically as a whole: weights (a peft adapter alone, or full
-    safetensors, merged when asked), tokenizer, then ``finish(folder, weights)`` for the rest
-    ("lora" or "full"); built in a unique folder beside ``path`` and swapped in with
-    :func:`rayembed.io.replace_folder`, so a crash leaves the old folder."""
-    import tempfile
-
-    from rayembed.io import replace_folder
-
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A unique folder beside the target: two saves to one path never share a temporary folder.
-    holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp = holder / target.name
-    tmp.mkdir()
-    try:
-        is_peft = hasattr(model, "peft_config")
-        if is_peft and merge_lora:
-            import copy
-
-            model = copy.deepcopy(model).merge_and_unload()
-        if is_peft and not merge_lora:
-            model.save_pretrained(tmp)
-            weights = "lora"
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-            weights = "full"
-        tokenizer.save_pretrained(tmp)
-        finish(tmp, weights)
-        replace_folder(tmp, target)
-    finally:
-        shutil.rmtree(holder, ignore_errors=True)
-    return target
-
-
-def peft_lora_config(model: torch.nn.Module, lora: LoRAConfig, base_name: str):
-    """The peft ``LoraConfig`` for ``model.lora``: all-linear, or named modules, on every layer
-    or (``top_layers``) on the top N layers only."""
-    from peft import LoraConfig
-
-    targets: Any = list(lora.target_modules)
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    layer_kw: dict[str, Any] = {}
-    if getattr(lora, "top_layers", None):
-        pattern, n_layers, linear_names = _decoder_layers(model)
-        if lora.top_layers > n_layers:
-            raise ValueError(f"model.lora.top_layers={lora.top_layers}, but {base_name} has {n_layers} layers.")
-        if targets == "all-linear":  # peft takes a layer subset only with named modules
-            targets = linear_names
-        layer_kw = {"layers_to_transform": list(range(n_layers - lora.top_layers, n_layers)),
-                    "layers_pattern": pattern}
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, **layer_kw)
-
-
-def _decoder_layers(model: torch.nn.Module) -> tuple[str, int, list[str]]:
-    """The stack of transformer layers: its attribute name (``layers``, ``h``, ``layer``), its
-    depth, and the names of the linear modules inside one layer (what ``all-linear`` means)."""
-    stacks = [(name, mod) for name, mod in model.named_modules()
-              if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0]
-    if not stacks:
-        raise ValueError("model.lora.top_layers needs a model with a list of transformer layers; none found.")
-    name, layers = max(stacks, key=lambda x: len(x[1]))
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)})
-    return name.rsplit(".", 1)[-1], len(layers), linear
-
-
 # ----------------------------------------------------------------------------- loaders
-
-
-def _auto_model(path: Path | str, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def _load_backbone(name: str, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool, cache: str | None):
     """A fresh backbone (not a saved embedder) and the default embedder settings for it."""
-    from transformers import AutoConfig, AutoTokenizer
-
     if name in backbones.TINY_NAMES:
         model, tok = backbones.build_tiny(name)
         model.to(dtype)
@@ -856,19 +702,11 @@ def _load_backbone(name: str, gguf_file: str | None, dtype: torch.dtype, trust_r
             padding_side="left" if decoder else "right", max_length=512,
         )
         return model, tok, ecfg
-    where = backbones.resolve_checkpoint(name, gguf_file=gguf_file, cache=cache)
-    try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = _auto_model(where, dtype, trust_remote_code)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"Could not load model '{name}': {e}. Give a saved embedder folder, a Hugging Face folder, "
-            f"a hub id (needs network), or one of: {', '.join(backbones.registered_names())}."
-        ) from e
+    model, tok, config, where = load_hf_model(name, gguf_file=gguf_file, dtype=dtype,
+                                              trust_remote_code=trust_remote_code, cache=cache)
     decoder = backbones.is_decoder_config(config)
     ecfg = EmbedderConfig(
-        base_model=name if gguf_file is None else f"{name}::{gguf_file}",
+        base_model=base_model_id(name, gguf_file),
         model_type=config.model_type, is_decoder=decoder,
         pooling="last" if decoder else "mean", append_eos=decoder,
         padding_side="left" if decoder else "right",
@@ -883,13 +721,12 @@ def _load_backbone(name: str, gguf_file: str | None, dtype: torch.dtype, trust_r
 def _load_saved(path: Path, ecfg: EmbedderConfig, dtype: torch.dtype, trust_remote_code: bool, cache: str | None):
     from transformers import AutoTokenizer
 
-    _require_safetensors(path, ecfg.weights)
+    require_safetensors(path, ecfg.weights)
     tok = AutoTokenizer.from_pretrained(path)
     if ecfg.weights == "lora":
         from peft import PeftModel
 
-        base_name, _, gguf = ecfg.base_model.partition("::")
-        base, _, _ = _load_backbone(base_name, gguf or None, dtype, trust_remote_code, cache)
+        base, _, _ = _load_backbone(*split_base_model(ecfg.base_model), dtype, trust_remote_code, cache)
         model = PeftModel.from_pretrained(base, path)  # adapter_model.safetensors: checked above
     else:
         from transformers import AutoModel
@@ -897,19 +734,3 @@ def _load_saved(path: Path, ecfg: EmbedderConfig, dtype: torch.dtype, trust_remo
         model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                           use_safetensors=True)
     return model, tok
-
-
-def _require_safetensors(path: Path, weights: str) -> None:
-    """A saved embedder's weights load from safetensors only: a .bin is a pickle, never loaded."""
-    if weights == "lora":
-        ok = (path / "adapter_model.safetensors").is_file()
-    else:
-        ok = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-    if not ok:
-        pickles = sorted(p.name for p in path.glob("*.bin"))
-        found = f" It holds {', '.join(pickles)} (pickles), which are never loaded." if pickles else ""
-        want = "adapter_model.safetensors" if weights == "lora" else "model.safetensors"
-        raise FileNotFoundError(
-            f"Saved embedder {path} has no {want}.{found} Re-save it with Embedder.save_pretrained "
-            "from a copy you trust."
-        )

@@ -48,7 +48,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayembed.modeling.embedder import _pick_device, _pick_dtype
+from rayembed.modeling.loading import (
+    base_model_id,
+    load_hf_model,
+    peft_lora_config,
+    pick_device,
+    pick_dtype,
+    save_model_folder,
+    split_base_model,
+)
+from rayembed.modeling.tokenization import pad_ids
 
 logger = logging.getLogger(__name__)
 
@@ -177,23 +186,18 @@ def load_causal_lm(
         saved = RerankerConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
         if saved.weights != "full":
             return _load_saved(path, saved, dtype, trust_remote_code, cache)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    where = backbones.resolve_checkpoint(name, gguf_file=gguf_file, cache=cache)
-    try:
-        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    def check_decoder(config: Any) -> None:
         if not backbones.is_decoder_config(config):
             raise ValueError(
                 f"'{name}' is a {config.model_type} model, not a decoder; an LLM reranker needs a causal LM "
                 "(smollm2-135m, tiny-llama, a Llama/Mistral/Qwen folder)."
             )
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"Could not load causal LM '{name}': {e}. Give a saved reranker folder, a Hugging Face folder, "
-            f"a hub id (needs network), or one of: {', '.join(backbones.registered_names())}."
-        ) from e
+
+    model, tok, _, _ = load_hf_model(
+        name, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code, cache=cache, causal_lm=True,
+        check_config=check_decoder, what="causal LM", saved="a saved reranker folder",
+    )
     return model, tok
 
 
@@ -206,8 +210,8 @@ def _load_saved(
     if rcfg.weights == "lora":
         from peft import PeftModel
 
-        base_name, _, gguf = rcfg.base_model.partition("::")
-        base, _ = load_causal_lm(base_name, gguf_file=gguf or None, dtype=dtype,
+        base_name, gguf = split_base_model(rcfg.base_model)
+        base, _ = load_causal_lm(base_name, gguf_file=gguf, dtype=dtype,
                                  trust_remote_code=trust_remote_code, cache=cache)
         return PeftModel.from_pretrained(base, path), tok
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -278,8 +282,8 @@ class LLMReranker(torch.nn.Module):
         ``lora`` (a :class:`~rayembed.config.model.LoRAConfig`) wraps the model in a new adapter.
         """
         name = str(name_or_path)
-        dev = _pick_device(device)
-        torch_dtype = _pick_dtype(dtype, dev)
+        dev = pick_device(device)
+        torch_dtype = pick_dtype(dtype, dev)
         path = Path(name)
         saved = path / CONFIG_NAME
         if saved.is_file():
@@ -303,7 +307,7 @@ class LLMReranker(torch.nn.Module):
             model, tok = load_causal_lm(name, gguf_file=gguf_file, dtype=torch_dtype,
                                         trust_remote_code=trust_remote_code, cache=cache)
             y, n, yid, nid = resolve_answer_tokens(tok, yes_token or "auto", no_token or "auto")
-            base = name if gguf_file is None else f"{name}::{gguf_file}"
+            base = base_model_id(name, gguf_file)
             if path.exists():
                 base = str(path.resolve())
             rcfg = RerankerConfig(
@@ -325,8 +329,6 @@ class LLMReranker(torch.nn.Module):
     def add_lora(self, lora: Any) -> LLMReranker:
         """Wrap the model in a peft LoRA adapter (``LoRAConfig``); only adapter weights train."""
         from peft import get_peft_model
-
-        from rayembed.modeling.embedder import peft_lora_config
 
         peft_cfg = peft_lora_config(self.model, lora, self.config.base_model)
         self.model = get_peft_model(self.model, peft_cfg)
@@ -393,15 +395,7 @@ class LLMReranker(torch.nn.Module):
 
     def pad(self, batch_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Left-pad id lists into ``input_ids`` and ``attention_mask`` (the last column is the answer)."""
-        pad_id = self.tokenizer.pad_token_id
-        longest = max((len(x) for x in batch_ids), default=1)
-        ids = torch.full((len(batch_ids), longest), pad_id, dtype=torch.long)  # (B, L)
-        mask = torch.zeros((len(batch_ids), longest), dtype=torch.long)  # (B, L)
-        for i, row in enumerate(batch_ids):
-            n = len(row)
-            ids[i, longest - n :] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, longest - n :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return pad_ids(batch_ids, self.tokenizer.pad_token_id, "left")
 
     # ------------------------------------------------------------------ ids -> scores
 
@@ -465,7 +459,6 @@ class LLMReranker(torch.nn.Module):
     def save_pretrained(self, path: str | os.PathLike, *, merge_lora: bool = False) -> Path:
         """Write the folder format of the module docstring, atomically as a whole."""
         from rayembed.io import atomic_write_json
-        from rayembed.modeling.embedder import save_model_folder
 
         def finish(folder: Path, weights: str) -> None:
             atomic_write_json(folder / CONFIG_NAME, dataclasses.asdict(dataclasses.replace(self.config, weights=weights)))

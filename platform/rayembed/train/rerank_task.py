@@ -23,29 +23,15 @@ optimiser settings. GradCache (``train.chunk_size``) and training evaluation
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rayembed.modeling.loading import enable_checkpointing
+from rayembed.modeling.tokenization import query_template_parser
 
 logger = logging.getLogger(__name__)
-
-
-def template_parser(template: str) -> re.Pattern[str]:
-    """A regex that takes a formatted query apart into ``instruction`` and ``text``."""
-    parts = re.split(r"(\{instruction\}|\{text\})", template)
-    pattern = ""
-    for p in parts:
-        if p == "{instruction}":
-            pattern += r"(?P<instruction>.*?)"
-        elif p == "{text}":
-            pattern += r"(?P<text>.*)"
-        else:
-            pattern += re.escape(p)
-    return re.compile(pattern, re.DOTALL)
 
 
 class RerankTask:
@@ -93,7 +79,7 @@ class RerankTask:
         self.model = self.reranker
         # The stream formats queries with its encoder's template; read it back from the same one.
         enc = load_text_encoder(str(mc.name_or_path))
-        self._query_re = template_parser(enc.config.query_template)
+        self._query_re = query_template_parser(enc.config.query_template)
 
     def _texts(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         tok = self.reranker.tokenizer

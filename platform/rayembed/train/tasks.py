@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from rayembed.losses import info_nce
-from rayembed.modeling.loading import enable_checkpointing
+from rayembed.modeling.loading import enable_checkpointing, pretrained_kwargs
 from rayembed.train.gradcache import gradcache_step
 
 logger = logging.getLogger(__name__)
@@ -82,22 +82,14 @@ class ContrastiveTask:
         # A saved embedder (a merged MNTP model, say) keeps its own attention mode unless the
         # config asks for bidirectional explicitly; "causal" is only the default.
         attention = None if saved and mc.attention == "causal" else mc.attention
+        # Every model setting as configured; heads only where asked (a saved embedder keeps its own).
         self.embedder = Embedder.from_pretrained(
             mc.name_or_path,
-            gguf_file=mc.gguf_file,
-            pooling=None if mc.pooling == "auto" else mc.pooling,
-            normalize=mc.normalize,
-            max_length=mc.max_length,
-            query_template=mc.query_template,
-            attention=attention,
-            padding_side=mc.padding_side,
-            dtype="float32",  # engines cast (DeepSpeed) or autocast; master weights stay fp32
-            device=str(device),
-            trust_remote_code=mc.trust_remote_code,
-            cache=mc.cache_dir,
-            sparse=mc.heads.sparse or None,  # a saved embedder keeps the heads it has
-            multivector=mc.heads.multivector or None,
-            multivector_dim=mc.heads.multivector_dim,
+            **pretrained_kwargs(
+                mc, settings="all", attention=attention,
+                dtype="float32",  # engines cast (DeepSpeed) or autocast; master weights stay fp32
+                device=str(device),
+            ),
         )
         _lora_base_fixup(self.embedder)
         if mc.lora.enabled:
