@@ -3,7 +3,7 @@
 Request path::
 
     HTTP proxy -> Retriever (FastAPI ingress: auth, limits, validation, FAISS search, id -> text)
-                      \\-> QueryEncoder (Embedder, @serve.batch: concurrent queries share a forward pass)
+                      \\-> QueryEncoder (Embedder, continuous batching: concurrent queries share a forward pass)
                       \\-> LLMRerankerDeployment (only with serve.reranker.path: POST /rerank, model llm)
 
 The package holds one job per module: :mod:`~rayembed.serving.asgi` (HTTP plumbing: middlewares,
