@@ -131,7 +131,7 @@ def _dense_search_ray(docs: list[str], queries: list[str], instructions: list[st
     with _ordered():
         ds = ray.data.from_items(items).repartition(target_num_rows_per_block=enc.rows_per_block).map_batches(
             EncoderActor, compute=ray.data.ActorPoolStrategy(min_size=enc.min_actors, max_size=enc.max_actors),
-            batch_size=enc.batch_size, batch_format="numpy",
+            batch_size=enc.rows_per_block, batch_format="numpy",  # whole blocks: sorted by length in the actor
             fn_constructor_kwargs=dict(name_or_path=name, load_kwargs=load_kwargs, batch_size=mc.batch_size,
                                        max_length=mc.max_length, include_title=False,
                                        num_threads=max(1, int(round(enc.num_cpus_per_actor)))),

@@ -945,10 +945,14 @@ def _encode_dataset(ds, cfg: Any, name: str, load_kwargs: dict[str, Any]):
     from ray.data import ActorPoolStrategy
 
     enc = cfg.index.encode
+    # Each call gets a whole block: the actor sorts its texts by length and encodes them in
+    # batches of enc.batch_size, so batches carry little padding (as Embedder.encode in process
+    # does over the whole corpus). A call per enc.batch_size rows would pad each batch to its
+    # longest text, whatever the lengths around it.
     return ds.repartition(target_num_rows_per_block=enc.rows_per_block).map_batches(
         EncoderActor,
         compute=ActorPoolStrategy(min_size=enc.min_actors, max_size=enc.max_actors),
-        batch_size=enc.batch_size,
+        batch_size=enc.rows_per_block,
         batch_format="numpy",
         fn_constructor_kwargs=dict(
             name_or_path=name, load_kwargs=load_kwargs, batch_size=enc.batch_size, max_length=enc.max_length,
