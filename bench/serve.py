@@ -282,7 +282,7 @@ def main() -> None:
     ap.add_argument("--overload-s", type=float, default=10.0)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--batch-wait-ms", type=float, default=3.0, help="serve.batch_wait_timeout_s in ms.")
+    ap.add_argument("--batch-wait-ms", type=float, default=0.0, help="serve.batch_wait_timeout_s in ms.")
     ap.add_argument("--torch-threads", type=int, default=2, help="torch threads in the QueryEncoder.")
     ap.add_argument("--infinity", help="An infinity_emb executable (its own venv): serve the same MiniLM with it "
                                        "and load its /v1/embeddings alike, in the same run.")

@@ -173,7 +173,9 @@ class ServeConfig:
         "whichever comes first, so long inputs do not stall many short ones. At least max_input_chars.",
     )
     batch_wait_timeout_s: float = option(
-        0.003, "Seconds the encoder waits for more queries before running a partial batch."
+        0.0,
+        "Seconds an idle encoder waits for more queries before it starts a batch. Under load no wait is "
+        "needed: queries that arrive while a batch runs form the next one.",
     )
     max_queries_per_request: int = option(64, "Most queries (or /v1/embeddings inputs) per request.")
     max_input_chars: int = option(8192, "Longest accepted query or input, in characters.")
