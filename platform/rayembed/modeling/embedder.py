@@ -354,19 +354,13 @@ class Embedder(HeadsMixin, torch.nn.Module):
         Inputs are sorted by token length so batches carry little padding; results come back
         in input order.
         """
-        texts = self._check_texts(texts)
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        if instruction is not None:
-            texts = [self.format_query(t, instruction) for t in texts]
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
+        ids, order = self.text.length_sorted(texts, instruction, batch_size, max_length)
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        if not ids:
             return out
-        ids = self.tokenize_ids(texts, max_length)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
         if show_progress is None:
-            show_progress = len(texts) >= 20 * batch_size and logger.isEnabledFor(logging.INFO)
-        starts = range(0, len(texts), batch_size)
+            show_progress = len(ids) >= 20 * batch_size and logger.isEnabledFor(logging.INFO)
+        starts = range(0, len(ids), batch_size)
         if show_progress:
             from tqdm.auto import tqdm
 

@@ -146,21 +146,15 @@ class HeadsMixin:
     def _token_batches(self, texts: str | Sequence[str], instruction: str | None, batch_size: int,
                        max_length: int | None):
         """Yield (input positions, input_ids, mask, hidden, attention) per length-sorted batch, no grad."""
-        texts = self._check_texts(texts)
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        if instruction is not None:
-            texts = [self.format_query(t, instruction) for t in texts]
-        if not texts:
+        ids, order = self.text.length_sorted(texts, instruction, batch_size, max_length)
+        if not ids:
             return
-        ids = self.tokenize_ids(texts, max_length)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
         was_training = self.training
         self.eval()
         device = self.device
         try:
             with torch.inference_mode():
-                for start in range(0, len(texts), batch_size):
+                for start in range(0, len(ids), batch_size):
                     idx = order[start : start + batch_size]
                     batch = self.pad([ids[i] for i in idx])
                     input_ids = batch["input_ids"].to(device)

@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -126,3 +127,18 @@ class TextTokenizer:
 
     def tokenize(self, texts: str | Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         return self.pad(self.tokenize_ids(texts, max_length))
+
+    def length_sorted(self, texts: str | Sequence[str], instruction: str | None, batch_size: int,
+                      max_length: int | None) -> tuple[list[list[int]], np.ndarray]:
+        """``(ids, order)`` for encoding in batches: each text's token ids (formatted as a query
+        when ``instruction`` is given) and the positions longest first, so batches carry little
+        padding. No texts: no tokenizer call, ``([], [])``."""
+        texts = check_texts(texts)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if instruction is not None:
+            texts = [self.format_query(t, instruction) for t in texts]
+        if not texts:
+            return [], np.zeros(0, dtype=np.int64)
+        ids = self.tokenize_ids(texts, max_length)
+        return ids, np.argsort([-len(x) for x in ids], kind="stable")
