@@ -110,7 +110,7 @@ def test_reply_schemas_accept_only_what_the_validator_accepts():
                 reply[k] = (chr(19968 + i) * p["minLength"])[: p["maxLength"]]
             elif p["type"] == "string":  # as many words as the pattern's minimum, of two characters
                 words = int(re.search(r"\{(\d+),(\d+)\}\$$", p["pattern"]).group(1)) + 1
-                reply[k] = " ".join(f"{chr(97 + i)}{j % 10}" for j in range(words))
+                reply[k] = " ".join(f"{chr(97 + i)}{chr(97 + j % 26)}" for j in range(words))
                 assert re.fullmatch(p["pattern"].strip("^$"), reply[k])
                 with pytest.raises(jsonschema.ValidationError):  # one word short
                     jsonschema.validate({**reply, k: reply[k].rsplit(" ", 1)[0]} if words > 1 else

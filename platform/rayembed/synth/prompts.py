@@ -278,8 +278,11 @@ def _words(min_words: int, max_chars: int, digits: bool = True) -> dict[str, Any
     """
     min_words = max(1, min_words)
     max_words = max(min_words, max_chars // _CHARS_PER_WORD_BUDGET)
-    word = f'[^ "\\\\{"" if digits else "0-9()"}]{{1,{_MAX_WORD_CHARS}}}'
-    first = f'[^ 0-9"\\\\,.;:!?(){{}}\\[\\]-][^ "\\\\]{{0,{_MAX_WORD_CHARS - 1}}}'
+    if digits:  # a number is a token a digit: at most 4 in a word ("2023", "COVID-19")
+        word = f'(?:[^ "\\\\0-9]{{1,{_MAX_WORD_CHARS}}}|[^ "\\\\0-9]{{0,8}}[0-9]{{1,4}}[^ "\\\\0-9]{{0,4}})'
+    else:
+        word = f'[^ "\\\\0-9()]{{1,{_MAX_WORD_CHARS}}}'
+    first = f'[^ 0-9"\\\\,.;:!?(){{}}\\[\\]-][^ "\\\\0-9]{{0,{_MAX_WORD_CHARS - 1}}}'
     return {"type": "string", "pattern": f"^{first}( {word}){{{min_words - 1},{max_words - 1}}}$"}
 
 
