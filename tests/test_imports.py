@@ -26,10 +26,6 @@ KNOWN_CYCLES: list[frozenset[str]] = [
     # manifest -> lexical -> builder -> manifest (and faiss_util -> manifest -> ... -> faiss_util)
     frozenset({"rayembed.index.builder", "rayembed.index.faiss_util", "rayembed.index.lexical",
                "rayembed.index.manifest"}),
-    # cli -> commands.index (parse_subcommand) -> cli (add_config_args, load_from_args)
-    frozenset({"rayembed.cli", "rayembed.commands.index"}),
-    # serving.app -> serving.server (manifest_version) -> serving.app (read_index_manifest, ...)
-    frozenset({"rayembed.serving.app", "rayembed.serving.server"}),
 ]
 
 

@@ -68,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand(argv: list[str]) -> argparse.Namespace | None:
+    """A command module's own ``parse_subcommand(argv)`` (``rayembed index update ...``), if it has one.
+
+    Looked up by name, as :func:`build_parser` loads the commands, so that the CLI imports no
+    command module by name (they import the CLI's helpers).
+    """
+    if not argv or argv[0] not in COMMANDS:
+        return None
+    module = importlib.import_module(f"rayembed.commands.{argv[0]}")
+    parse = getattr(module, "parse_subcommand", None)
+    return parse(argv) if parse is not None else None
+
+
 def _version() -> str:
     from rayembed import __version__
 
@@ -80,11 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     from rayembed.security import redact_text
 
     prefer_loopback()  # before any command imports ray
-    from rayembed.commands.index import parse_subcommand
-
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_subcommand(argv) or parser.parse_args(argv)
+    args = _subcommand(argv) or parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

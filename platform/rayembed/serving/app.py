@@ -157,13 +157,23 @@ def build_app_from_config(cfg, *, index_dir: str | os.PathLike | None = None, em
         reranker = LLMRerankerDeployment.options(**s.reranker.serve_options()).bind(
             resolve_reranker(s.reranker.path), settings
         )
-    from rayembed.serving.server import manifest_version
-
     # The version makes an updated manifest in the same folder (`rayembed index update`) a new user_config.
     user_config = {"index_dir": str(idx_dir), "version": manifest_version(idx_dir)}
     return Retriever.options(**s.retriever.serve_options(), user_config=user_config).bind(
         encoder, settings, model_name, reranker
     )
+
+
+def manifest_version(index_dir: str | os.PathLike) -> str:
+    """The version an index reports once opened (the hash of its manifest file)."""
+    import hashlib
+
+    from rayembed.cluster.storage import is_remote, resolve_storage
+    from rayembed.index.manifest import MANIFEST
+
+    if is_remote(str(index_dir)):
+        return hashlib.sha256(resolve_storage(str(index_dir)).read_bytes(MANIFEST)).hexdigest()[:16]
+    return hashlib.sha256((Path(index_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
 def resolve_reranker(path: str) -> str:

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayembed.serving.app import manifest_version  # noqa: F401 - public here too
+
 logger = logging.getLogger(__name__)
 
 IMPORT_PATH = "rayembed.serving.app:build_app"
@@ -124,18 +126,6 @@ def _wait_healthy(base_url: str, timeout_s: float, want_version: str | None = No
         if time.monotonic() > deadline:
             raise TimeoutError(f"{base_url}/healthz did not report {want_version or 'ok'} within {timeout_s:.0f} s.")
         time.sleep(0.2)
-
-
-def manifest_version(index_dir: str | os.PathLike) -> str:
-    """The version an index reports once opened (the hash of its manifest file)."""
-    import hashlib
-
-    from rayembed.cluster.storage import is_remote, resolve_storage
-    from rayembed.index.manifest import MANIFEST
-
-    if is_remote(str(index_dir)):
-        return hashlib.sha256(resolve_storage(str(index_dir)).read_bytes(MANIFEST)).hexdigest()[:16]
-    return hashlib.sha256((Path(index_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
 def start_server(
