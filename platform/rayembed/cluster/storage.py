@@ -312,20 +312,6 @@ def local_folder(value: str | os.PathLike, *, what: str, uri_keys: str = "index.
 COMPLETE_MARKER = "_COMPLETE.json"
 
 
-def _sha256_stream(fs: Any, path: str) -> tuple[int, str]:
-    import hashlib
-
-    h, n = hashlib.sha256(), 0
-    with fs.open_input_stream(path) as f:
-        while True:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
-    return n, h.hexdigest()
-
-
 def publish_folder(local_dir: str | os.PathLike, dest: str | os.PathLike | Storage) -> Storage:
     """Copy a finished local folder to ``dest`` and write :data:`COMPLETE_MARKER` last.
 

@@ -31,7 +31,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -777,7 +777,3 @@ def build_index_from_vectors(vectors: np.ndarray, out_dir: str | os.PathLike, *,
     ident = identity or {"path": None, "precomputed_sha256": hashlib.sha256(vectors.tobytes()).hexdigest()}
     return build_with_encoder(encode, ident, vectors.shape[1], docs, out_dir, **kwargs)
 
-
-def iter_shard_ids(plan: dict[str, Any]) -> Iterable[tuple[int, int]]:
-    for s in plan["shards"]:
-        yield s["id_start"], s["id_end"]
