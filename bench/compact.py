@@ -60,7 +60,7 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, k: int, tmp: Path, matryosh
     for kind, rescore in (("fp32", 0), ("fp16", 0), ("int8", 0), ("int8", 4 * k), ("binary", 0), ("binary", 4 * k),
                           ("binary", 10 * k)):
         idx = CompactIndex.build(path, kind=kind)
-        (s, ids), qps = timed(lambda qq: idx.search(qq, k, rescore_k=rescore), q)
+        (s, ids), qps = timed(lambda qq, idx=idx, rescore=rescore: idx.search(qq, k, rescore_k=rescore), q)
         label = kind + (f"+rescore{rescore}" if rescore else "")
         rows.append({"set": name, "index": label, "bytes_per_vector": idx.memory_bytes_per_vector(),
                      "x_smaller": 4 * x.shape[1] / idx.memory_bytes_per_vector(), "qps": round(qps),
@@ -70,7 +70,7 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, k: int, tmp: Path, matryosh
             continue
         xt, qt = truncate(x, d), truncate(q, d)
         idx = CompactIndex.build(xt, kind="fp32")
-        (s, ids), qps = timed(lambda qq: idx.search(qq, k), qt)
+        (s, ids), qps = timed(lambda qq, idx=idx: idx.search(qq, k), qt)
         rows.append({"set": name, "index": f"fp32 first {d} dims", "bytes_per_vector": 4 * d,
                      "x_smaller": x.shape[1] / d, "qps": round(qps), f"recall@{k}": round(recall(ids, truth), 4)})
     return rows

@@ -112,7 +112,6 @@ def parse_subcommand(argv: list[str]) -> argparse.Namespace | None:
 
 def run(args: argparse.Namespace) -> int:
     from rayembed.cli import load_from_args
-
     from rayembed.index import IndexIntegrityError, build_index
 
     cfg = load_from_args(args)
