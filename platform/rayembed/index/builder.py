@@ -68,6 +68,7 @@ from rayembed.index.manifest import (
     IndexIntegrityError,
     file_record,
     is_valid,
+    read_docs_part,
     read_json,
     verify_file,
 )
@@ -166,17 +167,6 @@ def _docs_table(rows: list[dict[str, Any]], id_start: int):
             "metadata": pa.array([r["metadata"] for r in rows], pa.string()),
         }
     )
-
-
-def read_docs_part(root: Path, shard: dict[str, Any], columns: list[str] | None = None):
-    """The id-map part of one shard as a pyarrow Table (path checked inside ``root``)."""
-    import pyarrow.parquet as pq
-
-    path = verify_file(root, shard["docs"], what="id map", check_hash=False)
-    try:
-        return pq.read_table(path, columns=columns)
-    except Exception as e:  # pyarrow raises several types for damaged files
-        raise IndexIntegrityError(f"id map {path} cannot be read ({e}); delete it and rebuild.") from e
 
 
 def _write_faiss(index, path: Path) -> None:

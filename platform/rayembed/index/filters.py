@@ -169,7 +169,7 @@ class FieldIndex:
 
 def build_field_index(index: Any) -> FieldIndex:
     """The :class:`FieldIndex` of an opened :class:`~rayembed.index.ShardedIndex` (reads every id-map part)."""
-    from rayembed.index.builder import read_docs_part
+    from rayembed.index.manifest import read_docs_part
 
     rows: list[tuple[int, str | None]] = []
     for shard in index.manifest["shards"]:

@@ -34,7 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from rayembed.index.manifest import IndexIntegrityError, file_record, is_valid, verify_file
+from rayembed.index.manifest import (
+    IndexIntegrityError,
+    file_record,
+    is_valid,
+    part_files,
+    read_docs_part,
+    verify_file,
+)
 from rayembed.io import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -224,7 +231,6 @@ def _save_plan(build: Any) -> None:
 
 
 def _shard_texts(build: Any, shard: dict[str, Any], include_title: bool) -> list[str]:
-    from rayembed.index.builder import read_docs_part
     from rayembed.index.corpus import encode_text
 
     table = read_docs_part(build.root, shard, ["text", "title"])
@@ -240,14 +246,6 @@ def part_done(root: Path, plan: dict[str, Any], name: str, settings: dict[str, A
     if settings is not None and rec.get("settings") != settings:
         return False
     return all(is_valid(root, f) for f in part_files(rec))
-
-
-def part_files(rec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every file record of a part record."""
-    files = list(rec.get("files", []))
-    for s in rec.get("shards", []):
-        files += [s[k] for k in ("file", "vectors", "offsets") if k in s]
-    return files
 
 
 def _start_part(build: Any, name: str, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:

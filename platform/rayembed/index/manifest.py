@@ -21,7 +21,9 @@ again, with new base shards and no tombstones.
 ``manifest["kind"]`` is ``"dense"`` (FAISS shards, the usual index; manifests without the key
 are dense) or ``"lexical"``: a BM25-only index with the id map and the ``bm25`` part, no FAISS
 shards and no embedder (``embedder`` is null). Extra parts are listed in ``manifest["parts"]``
-as ``{name: record}``, every file with its size and sha256.
+as ``{name: record}``, every file with its size and sha256 (:func:`index_files` lists them all).
+Reading an id-map part (:func:`read_docs_part`) lives here too, so every module of the index
+package reads manifest files through this one and none of them imports the builder for it.
 
 Nothing here is pickled: JSON, Parquet and ``faiss.read_index``. Every path read from a manifest
 is relative and must resolve inside the index directory.
@@ -205,10 +207,16 @@ def same_embedder(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
+def part_files(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file record of a part record."""
+    files = list(rec.get("files", []))
+    for s in rec.get("shards", []):
+        files += [s[k] for k in ("file", "vectors", "offsets") if k in s]
+    return files
+
+
 def index_files(m: dict[str, Any]) -> list[dict[str, Any]]:
     """Every file record a manifest lists: shards, id maps, the trained index and the parts' files."""
-    from rayembed.index.lexical import part_files
-
     files: list[dict[str, Any]] = []
     for s in m.get("shards", []):
         if "file" in s and "sha256" in s:
@@ -242,3 +250,14 @@ def local_index_dir(location: str | os.PathLike) -> Path:
     if text.rstrip("/").endswith("/" + MANIFEST):
         text = text.rstrip("/")[: -len(MANIFEST) - 1]
     return localize(text, marker=MANIFEST, files_of=index_files, what="index")
+
+
+def read_docs_part(root: Path, shard: dict[str, Any], columns: list[str] | None = None):
+    """The id-map part of one shard as a pyarrow Table (path checked inside ``root``)."""
+    import pyarrow.parquet as pq
+
+    path = verify_file(root, shard["docs"], what="id map", check_hash=False)
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise IndexIntegrityError(f"id map {path} cannot be read ({e}); delete it and rebuild.") from e

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rayembed.index.builder import read_docs_part, read_faiss
+from rayembed.index.builder import read_faiss
 from rayembed.index.faiss_util import (
     IndexSpec,
     bitmap_selector,
@@ -40,6 +40,7 @@ from rayembed.index.manifest import (
     identity_of,
     kind_of,
     local_index_dir,
+    read_docs_part,
     read_json,
     same_embedder,
     verify_file,

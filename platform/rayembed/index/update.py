@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from rayembed.index.builder import DOCS_DIR, SHARDS_DIR, _docs_table, _write_faiss, read_docs_part, read_faiss
+from rayembed.index.builder import DOCS_DIR, SHARDS_DIR, _docs_table, _write_faiss, read_faiss
 from rayembed.index.corpus import ColumnMapping, encode_text, iter_records, normalize, resolve_corpus
 from rayembed.index.faiss_util import IndexSpec, inner_index, new_index
 from rayembed.index.manifest import (
@@ -59,6 +59,7 @@ from rayembed.index.manifest import (
     file_record,
     kind_of,
     local_index_dir,
+    read_docs_part,
     read_json,
     verify_file,
 )
