@@ -108,6 +108,49 @@ def test_mining_excludes_every_positive_and_is_seeded():
     assert all(len(r["negatives"]) == 3 for r in skipped)
 
 
+def test_false_negative_filter_drops_candidates_near_the_positives_score():
+    # The near-copy of the positive scores about as high as the positive: a likely false negative.
+    rows = [make_row(instruction="i", query=f"{t} valve repair", task_type="retrieval", source="s",
+                     positive=f"{t} valve repair guide for beginners")
+            for t in ("brass", "steel", "copper")]
+    extra = [f"{t} valve repair guide for experts" for t in ("brass", "steel", "copper")]
+    extra += [f"{t} valve catalogue" for t in ("brass", "steel", "copper")]
+    kw = dict(retriever="bm25", top_k=10, num_negatives=10, seed=0, extra_docs=extra)
+    plain = mine_negatives(rows, **kw)
+    stats = {}
+    filtered = mine_negatives(rows, **kw, max_positive_ratio=0.95, stats=stats)
+    for r, p, f in zip(rows, plain, filtered):
+        near = r["positive"].replace("beginners", "experts")
+        assert near in p["negatives"]          # without the filter the near-copy is a "negative"
+        assert near not in f["negatives"]      # with it, it is dropped
+        assert f["negatives"]                  # and weaker candidates remain
+    assert stats["rows_mined"] == 3 and stats["false_negatives_dropped"] >= 3
+
+
+def test_data_build_mines_sources_that_lack_negatives(tmp_path):
+    a = _pairs_file(tmp_path / "a.jsonl", 40, "alpha")
+    b = _pairs_file(tmp_path / "b.jsonl", 40, "beta")
+    c = tmp_path / "c.jsonl"
+    c.write_text("".join(json.dumps({"q": f"gamma question {i}", "d": f"gamma answer {i}", "n": [f"gamma other {i}"]})
+                         + "\n" for i in range(40)))
+    cols = {"query": "q", "positive": "d"}
+    sources = [{"name": "a", "format": "jsonl", "path": str(a), "instruction": "i", "columns": cols},
+               {"name": "b", "format": "jsonl", "path": str(b), "instruction": "i", "columns": cols, "mine": False},
+               {"name": "c", "format": "jsonl", "path": str(c), "instruction": "i", "columns": {**cols, "negatives": "n"}}]
+    m = read_manifest(build_mix(_cfg(tmp_path, sources, val_fraction=0.0)))
+    out = tmp_path / "run" / "data"
+    rows = [r for f in m["train"]["files"] for r in pq.read_table(out / f["path"]).to_pylist()]
+    by = {s: [r for r in rows if r["source"] == s] for s in "abc"}
+    assert all(len(r["negatives"]) == 1 and r["negatives"][0] != r["positive"]
+               and r["negatives"][0].startswith("alpha answer") for r in by["a"])  # mined within source a
+    assert all(r["negatives"] == [] for r in by["b"])                              # mine: false
+    assert all(r["negatives"] == [r["positive"].replace("answer", "other")] for r in by["c"])  # kept as given
+    assert m["sources"]["a"]["mined"]["rows_mined"] == 40
+    assert "mined" not in m["sources"]["b"] and "mined" not in m["sources"]["c"]
+    off = read_manifest(build_mix(_cfg(tmp_path, sources[:1], val_fraction=0.0, mine={"in_build": False})))
+    assert "mined" not in off["sources"]["a"]
+
+
 def test_mining_with_a_saved_embedder(tiny_embedder_dir):
     rows = [make_row(instruction="i", query=f"q{i}", positive=f"doc {i}", task_type="retrieval", source="s")
             for i in range(12)]

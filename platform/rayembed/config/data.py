@@ -51,6 +51,9 @@ class SourceConfig:
     min_score: float = option(4.0, "stsb: pairs scoring at least this (0-5) become positives.")
     weak_mode: str = option("both", "weak: title-body pairs, Contriever-style crops, or both.")
     max_rows: int | None = option(None, "Read at most this many rows of the source (before the ratio).")
+    mine: bool = option(
+        True, "During `data build`, mine hard negatives for this source's rows that have none (data.mine sets how)."
+    )
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -70,12 +73,23 @@ class SourceConfig:
 
 @dataclass
 class MineConfig:
-    """Hard-negative mining (`rayembed mine`)."""
+    """Hard-negative mining: in `data build` for sources whose rows lack negatives, and `rayembed mine`."""
+
+    in_build: bool = option(
+        True,
+        "`data build` mines negatives for every source whose rows have none (within that source's own "
+        "documents; a source opts out with mine: false). One source's rows are held in memory while it is mined.",
+    )
 
     retriever: str = option("bm25", "bm25, or a saved embedder folder / registered model name to encode with.")
     top_k: int = option(100, "Candidates retrieved per query (the paper: top 100).")
     skip_top: int = option(0, "Drop this many top results after removing positives (likely false negatives).")
     num_negatives: int = option(1, "Negatives sampled per query from the remaining candidates.")
+    max_positive_ratio: float = option(
+        0.95,
+        "False-negative filter (NV-Retriever): drop candidates scoring above this fraction of the row's "
+        "positive's score. 0: off.",
+    )
     batch_size: int = option(64, "Encoding batch size (texts) for an embedder retriever.")
     max_length: int = option(256, "Max tokens per text when encoding with an embedder.")
     engine: str = option(
@@ -100,6 +114,11 @@ class MineConfig:
             raise ConfigError("data.mine.top_k and data.mine.num_negatives must be positive.")
         if self.skip_top < 0 or self.skip_top >= self.top_k:
             raise ConfigError(f"data.mine.skip_top={self.skip_top} must be in [0, top_k={self.top_k}).")
+        if not 0.0 <= self.max_positive_ratio <= 1.0:
+            raise ConfigError(
+                f"data.mine.max_positive_ratio={self.max_positive_ratio} must be in [0, 1] (0.95 drops candidates "
+                "within 5% of the positive's score; 0 turns the filter off)."
+            )
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Steps, in bounded memory:
 
 1. Each source is read row by row, validated (bad rows counted and skipped; too many fails the
-   job naming the file and the first bad rows) and sampled by its ratio: a ratio r keeps
+   job naming the file and the first bad rows). A source whose rows have no negatives gets them
+   mined within its own documents first (:mod:`rayembed.data.mine`; ``data.mine.in_build``), which
+   holds that one source's rows in memory. Then rows are sampled by the source's ratio: a ratio r keeps
    ``floor(r)`` copies of every row plus one more with probability ``r - floor(r)``, seeded.
 2. Each kept row goes to one of ``shuffle_buckets`` spill files, chosen by a hash of its
    normalised (query, positive) text, so duplicates across sources land in the same bucket.
@@ -84,6 +86,24 @@ class _ShardWriter:
         return {"rows": self.rows, "files": self.files, **{f"by_{k}": dict(sorted(c.items())) for k, c in self.counts.items()}}
 
 
+def _mine_source(cfg, src, rows: list[dict[str, Any]], stage: Path) -> tuple[list[dict[str, Any]], dict | None]:
+    """Hard negatives for the rows of one source that have none, mined within the source's documents."""
+    from rayembed.data.mine import mine_negatives
+
+    if not rows or all(r["negatives"] for r in rows):
+        return rows, None
+    mc = cfg.data.mine
+    stats: dict[str, Any] = {"retriever": mc.retriever}
+    work = f"{mc.work_dir.rstrip('/')}/{src.name}" if mc.work_dir else str(stage / "_mine" / src.name)
+    rows = mine_negatives(rows, retriever=mc.retriever, top_k=mc.top_k, skip_top=mc.skip_top,
+                          num_negatives=mc.num_negatives, seed=cfg.seed, batch_size=mc.batch_size,
+                          max_length=mc.max_length, max_positive_ratio=mc.max_positive_ratio, only_missing=True,
+                          cfg=cfg, work_dir=work, stats=stats)
+    logger.info("source %s: mined negatives for %d rows (%d short of %d)", src.name, stats["rows_mined"],
+                stats["rows_short"], mc.num_negatives)
+    return rows, stats
+
+
 def build_mix(cfg, out_dir: str | os.PathLike | None = None) -> Path:
     """Build the training mix from ``cfg.data.sources``; return the path of ``manifest.json``."""
     from rayembed.cluster.storage import local_folder
@@ -132,7 +152,11 @@ def build_mix(cfg, out_dir: str | os.PathLike | None = None) -> Path:
             bad = BadRows(src.name)
             rng = random.Random(f"{cfg.seed}:ratio:{src.name}")
             read = kept = 0
-            for row in iter_source(src, data_dir=data_dir, bad=bad, seed=cfg.seed):
+            rows = iter_source(src, data_dir=data_dir, bad=bad, seed=cfg.seed)
+            mined = None
+            if dcfg.mine.in_build and src.mine:
+                rows, mined = _mine_source(cfg, src, list(rows), stage)
+            for row in rows:
                 read += 1
                 copies = int(math.floor(ratio)) + (1 if rng.random() < ratio - math.floor(ratio) else 0)
                 if not row.get("id"):
@@ -152,6 +176,8 @@ def build_mix(cfg, out_dir: str | os.PathLike | None = None) -> Path:
             bad.check(dcfg.max_bad_fraction)
             per_source[src.name] = {"format": src.format, "ratio": ratio, "read": read, "sampled": kept,
                                     "bad": bad.as_dict()}
+            if mined is not None:
+                per_source[src.name]["mined"] = mined
             logger.info("source %s: read %d rows, sampled %d (ratio %.3g), %d bad", src.name, read, kept, ratio, bad.bad)
         for b in list(bucket_bufs):
             spill_bucket(b)
@@ -190,6 +216,7 @@ def build_mix(cfg, out_dir: str | os.PathLike | None = None) -> Path:
         train_w.flush()
         val_w.flush()
         shutil.rmtree(spill)
+        shutil.rmtree(stage / "_mine", ignore_errors=True)
         manifest = {
             "format": "rayembed-mix/1",
             "schema": [f.name for f in SCHEMA],
