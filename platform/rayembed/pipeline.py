@@ -257,14 +257,19 @@ class Pipeline:
         backbone = self.cfg.model.name_or_path
         if self.cfg.pipeline.include_untuned:
             models[f"{backbone} (untuned)"] = backbone
+        indexes: dict[str, dict[str, str]] = {}
         if self.done("train"):
             models[f"{backbone} (trained)"] = self.trained_model()
+            built = self.done("index")
+            if built:  # searched instead of encoding those corpora again, where they match the dataset
+                indexes[f"{backbone} (trained)"] = dict(built.get("indexes") or {})
         datasets = ev.datasets or [DatasetSpec()]
         results = evaluate_models(
             models, datasets, self.stage_dir("eval"), data_dir=self.cfg.data_dir,
             instructions=ev.instructions, query_instructions=ev.query_instructions, top_k=ev.top_k,
             batch_size=ev.batch_size, max_length=ev.max_length, bm25=ev.bm25, passkey=ev.passkey,
             index_type=ev.index_type, keep_indexes=ev.keep_indexes, plot=ev.plot, hybrid=ev.hybrid,
+            indexes=indexes,
         )
         table = render_table(results)
         print("\n" + table)

@@ -140,3 +140,36 @@ def test_passkey_accuracy_counts_top1():
     run = {q1: {next(iter(rel1)): 0.9, "other": 0.1}, q2: {"other": 1.0}}
     assert passkey_accuracy(run, data) == pytest.approx(0.5)
     assert np.isclose(passkey_accuracy({}, data), 0.0)
+
+
+def test_eval_searches_a_prebuilt_exact_index_instead_of_encoding_the_corpus(tiny_embedder_dir, tiny_beir, tmp_path,
+                                                                              monkeypatch, caplog):
+    import rayembed.index as index_pkg
+
+    build = index_pkg.build_index_in_process
+    same = tmp_path / "same"
+    build(str(tiny_embedder_dir), tiny_beir, same, format="beir")
+    short = tmp_path / "short"  # another max_length: other vectors, so it must not stand in
+    build(str(tiny_embedder_dir), tiny_beir, short, format="beir", max_length=4)
+    part = tmp_path / "part"  # not every document
+    build(str(tiny_embedder_dir), tiny_beir, part, format="beir", limit=3)
+    spec = DatasetSpec(name="tiny", path=str(tiny_beir))
+    baseline = evaluate_models({"m": str(tiny_embedder_dir)}, [spec], None, top_k=10, plot=False)
+    expected = baseline["metrics"]["m"]["tiny"]["ndcg@10"]
+
+    builds = []
+    monkeypatch.setattr(index_pkg, "build_index_in_process", lambda *a, **k: builds.append(a) or build(*a, **k))
+    r = evaluate_models({"m": str(tiny_embedder_dir)}, [spec], None, top_k=10, plot=False,
+                        indexes={"m": {"tiny": str(same)}})
+    assert builds == []                                       # the corpus was not indexed again
+    assert r["models"]["m"]["index_from"] == {"tiny": str(same)}
+    assert r["metrics"]["m"]["tiny"]["ndcg@10"] == pytest.approx(expected, abs=1e-6)
+    assert "Searched through the index stage's exact indexes" in render_table(r)
+    for other, why in ((short, "stored vectors differ"), (part, "holds 3 documents and the dataset 5")):
+        caplog.clear()
+        r = evaluate_models({"m": str(tiny_embedder_dir)}, [spec], None, top_k=10, plot=False,
+                            indexes={"m": {"tiny": str(other)}})
+        assert "index_from" not in r["models"]["m"]                 # refused, with a warning saying why
+        assert why in caplog.text
+        assert r["metrics"]["m"]["tiny"]["ndcg@10"] == pytest.approx(expected, abs=1e-6)
+    assert len(builds) == 2

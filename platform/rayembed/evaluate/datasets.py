@@ -67,13 +67,10 @@ class STSData:
 
 
 def doc_text(doc: dict[str, str]) -> str:
-    """BEIR's document text: title, a space, body. A body that already opens with its title
-    (Cranfield's .W field repeats .T) is not given the title twice."""
-    title = " ".join((doc.get("title") or "").split())
-    text = " ".join((doc.get("text") or "").split())
-    if not title or text.startswith(title):
-        return text
-    return f"{title} {text}".strip()
+    """BEIR's document text: title, a space, body (the index's own rule, :func:`encode_text`)."""
+    from rayembed.index.corpus import encode_text
+
+    return encode_text(doc.get("text") or "", doc.get("title") or "", True)
 
 
 def detect_format(path: Path) -> str:

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,13 +84,20 @@ class DenseRetriever:
     ``instruct``: whether queries get the dataset's instruction (documents never do, except
     on symmetric datasets). ``index_root``: keep each dataset's index in
     ``<index_root>/<dataset>`` and reuse it on the next run (default: a temporary folder).
+    ``indexes``: ``{dataset name: index location}`` of indexes already built with this embedder
+    (the pipeline's index stage); a dataset found there is searched through it, so its corpus is
+    not encoded again. Such an index is used only when it is exact (flat, float32), was built by
+    the same embedder and holds exactly the dataset's documents; otherwise a warning says why and
+    the corpus is encoded as usual. ``index_used`` records which datasets were searched that way.
     """
 
     def __init__(self, embedder, *, instruct: bool = True, batch_size: int = 32,
                  max_length: int | None = None, index_type: str = "flat",
-                 index_root: str | os.PathLike | None = None):
+                 index_root: str | os.PathLike | None = None, indexes: dict[str, str] | None = None):
         self.embedder = embedder
         self.index_root = index_root
+        self.indexes = dict(indexes or {})
+        self.index_used: dict[str, str] = {}
         self.instruct = instruct
         self.batch_size = batch_size
         self.max_length = max_length
@@ -118,8 +126,12 @@ class DenseRetriever:
         qvecs = self.encode([data.queries[q] for q in query_ids], data.instruction)  # (nq, dim)
         k = min(k, len(doc_ids))
         doc_instruction = data.instruction if data.symmetric else None
+        prebuilt = prebuilt_index(self, data)
+        if prebuilt is not None:
+            self.index_used[data.name] = self.indexes[data.name]
         index_dir = Path(self.index_root) / data.name if self.index_root else None
-        scores, hits = _dense_search(self, doc_ids, data.doc_texts(), doc_instruction, qvecs, k, index_dir)
+        scores, hits = _dense_search(self, doc_ids, data.doc_texts(), doc_instruction, qvecs, k, index_dir,
+                                     prebuilt=prebuilt)
         run: Run = {}
         for qi, qid in enumerate(query_ids):
             row = hits[qi * scores.shape[1] : (qi + 1) * scores.shape[1]]
@@ -130,19 +142,23 @@ class DenseRetriever:
 
 def _dense_search(retriever: DenseRetriever, doc_ids: list[str], texts: list[str],
                   doc_instruction: str | None, qvecs: np.ndarray, k: int,
-                  index_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, list[str]]:
+                  index_dir: str | os.PathLike | None = None, *,
+                  prebuilt: Path | None = None) -> tuple[np.ndarray, list[str]]:
     """Top-``k`` of each query: scores (nq, k) and the hit document ids (row-major, "" for none).
 
     Documents go through the indexing code (``build_index_in_process`` then
     ``ShardedIndex.search``), the same path ``rayembed index`` and serving use. Empty documents
     are not indexed (the index refuses them); they can never be retrieved anyway. With
     ``index_dir`` the index is kept there and a later run with the same corpus and embedder
-    reuses it; otherwise it lives in a temporary folder.
+    reuses it; otherwise it lives in a temporary folder. ``prebuilt``: an index folder checked by
+    :func:`prebuilt_index`, searched as it is (nothing is encoded or written).
     """
     from rayembed.index import ShardedIndex
 
-    with eval_index(retriever, doc_ids, texts, doc_instruction, index_dir) as root:
-        index = ShardedIndex.open(root, expected_embedder=retriever.embedder if index_dir else None)
+    with (contextlib.nullcontext(prebuilt) if prebuilt is not None
+          else eval_index(retriever, doc_ids, texts, doc_instruction, index_dir)) as root:
+        checked = index_dir is not None or prebuilt is not None
+        index = ShardedIndex.open(root, expected_embedder=retriever.embedder if checked else None)
         try:
             scores, gids = index.search(qvecs, min(k, index.ntotal))  # (nq, k) each
             id_of = [d["doc_id"] for d in index.get_documents(np.arange(index.ntotal))]
@@ -150,6 +166,80 @@ def _dense_search(retriever: DenseRetriever, doc_ids: list[str], texts: list[str
             index.close()
     hits = [id_of[g] if g >= 0 else "" for g in gids.ravel().tolist()]
     return scores, hits
+
+
+def prebuilt_index(retriever: DenseRetriever, data: RetrievalData, parts: Sequence[str] = ("dense",),
+                   bm25: BM25Params | None = None) -> Path | None:
+    """The local folder of ``retriever.indexes[data.name]`` when that index can stand in for
+    encoding the dataset's corpus here, else None (with a warning saying why): it must be exact
+    (Flat, float32, the embedder's full dimension), built by the same embedder, hold exactly the
+    dataset's non-empty documents, and have ``parts`` (a bm25 part with the same ``bm25``
+    settings). The encoding itself is checked, not the settings it was made with: the four
+    longest and four other documents are encoded here and must match their stored vectors
+    (cosine >= 0.999), which catches another max_length, title rule or precision."""
+    from rayembed.index import ShardedIndex
+    from rayembed.index.manifest import IndexIntegrityError
+
+    location = retriever.indexes.get(data.name)
+    if not location or data.symmetric:
+        return None
+    try:
+        index = ShardedIndex.open(location, expected_embedder=retriever.embedder)
+    except (IndexIntegrityError, FileNotFoundError, ValueError) as e:
+        logger.warning("not searching %s: %s; encoding the corpus instead.", location, e)
+        return None
+    try:
+        m = index.manifest
+        have = {name: rec.get("settings") for name, rec in (m.get("parts") or {}).items()}
+        id_of = [d["doc_id"] if d else "" for d in index.get_documents(np.arange(index.ntotal))]
+        wanted = {d for d, t in zip(data.doc_ids(), data.doc_texts()) if t.strip()}
+        if m.get("factory") != "Flat" or index.dim != retriever.embedder.dim:
+            why = (f"it is a {m.get('factory')} index of {index.dim}-d vectors, and evaluation searches the "
+                   f"embedder's {retriever.embedder.dim}-d vectors exactly (Flat, float32)")
+        elif set(id_of) != wanted or len(id_of) != len(wanted):
+            why = (f"it holds {len(id_of)} documents and the dataset {len(wanted)} non-empty ones "
+                   f"({len(wanted & set(id_of))} in common; was index.limit set?)")
+        elif [p for p in parts if p != "dense" and p not in have]:
+            why = f"it lacks the parts {[p for p in parts if p != 'dense' and p not in have]}"
+        elif "bm25" in parts and bm25 is not None and have["bm25"] != {**bm25.to_dict(), "include_title": True}:
+            why = f"its bm25 part has settings {have['bm25']}, and evaluation uses {bm25.to_dict()}"
+        else:
+            cos = _stored_vs_fresh(retriever, index, id_of, dict(zip(data.doc_ids(), data.doc_texts())))
+            if cos >= 0.999:
+                return index.root
+            why = (f"its stored vectors differ from this evaluation's encoding of the same documents (cosine "
+                   f"{cos:.4f} < 0.999: another max_length, title rule or precision; set index.encode.max_length "
+                   "to eval.max_length to share the encoding)")
+    finally:
+        index.close()
+    logger.warning("not searching %s: %s; encoding the corpus instead.", location, why)
+    return None
+
+
+def _stored_vs_fresh(retriever: DenseRetriever, index: Any, id_of: list[str], text_of: dict[str, str]) -> float:
+    """The lowest cosine between stored and freshly encoded vectors of 8 documents (-1 if unreadable)."""
+    import faiss
+
+    gids = sorted(range(len(id_of)), key=lambda g: -len(text_of.get(id_of[g], "")))[:4]
+    gids += [int(g) for g in np.random.default_rng(0).choice(len(id_of), size=min(4, len(id_of)), replace=False)]
+    stored = {}
+    try:
+        for shard in index.shards:
+            idmap = faiss.downcast_index(shard)
+            labels = faiss.vector_to_array(idmap.id_map)
+            flat = faiss.downcast_index(idmap.index)
+            for j in np.flatnonzero(np.isin(labels, gids)):
+                stored[int(labels[j])] = flat.reconstruct(int(j))
+    except (AttributeError, RuntimeError) as e:
+        logger.warning("cannot read vectors back from the index (%s)", e)
+        return -1.0
+    gids = sorted(set(gids) & set(stored))
+    if not gids:
+        return -1.0
+    fresh = retriever.encode([text_of[id_of[g]] for g in gids], None)  # (n, dim), documents get no instruction
+    old = np.stack([stored[g] for g in gids])
+    cos = np.sum(fresh * old, axis=1) / np.maximum(np.linalg.norm(fresh, axis=1) * np.linalg.norm(old, axis=1), 1e-12)
+    return float(cos.min())
 
 
 @contextlib.contextmanager
@@ -241,9 +331,13 @@ class HybridRetriever:
         doc_instruction = data.instruction if data.symmetric else None
         instruction = data.instruction if (self.dense is not None and self.dense.instruct) else None
         index_dir = Path(self.index_root) / data.name if self.index_root else None
+        prebuilt = prebuilt_index(self.dense, data, self.parts, self.bm25) if self.dense is not None else None
+        if prebuilt is not None:
+            self.dense.index_used[data.name] = self.dense.indexes[data.name]
         k = min(k, len(doc_ids))
-        with eval_index(self.dense, doc_ids, data.doc_texts(), doc_instruction, index_dir, parts=self.parts,
-                        bm25=self.bm25) as root:
+        with (contextlib.nullcontext(prebuilt) if prebuilt is not None else
+              eval_index(self.dense, doc_ids, data.doc_texts(), doc_instruction, index_dir, parts=self.parts,
+                         bm25=self.bm25)) as root:
             searcher = HybridSearcher.open(root, embedder=self.dense.embedder if self.dense else None)
             try:
                 t0 = time.perf_counter()

@@ -80,8 +80,12 @@ def load_retriever(
     dtype: str | None = None,
     index_type: str = "flat",
     index_root: str | os.PathLike | None = None,
+    indexes: Mapping[str, str] | None = None,
 ):
-    """A retriever for one entry of ``eval.models``: 'bm25', an Embedder, a folder or a name."""
+    """A retriever for one entry of ``eval.models``: 'bm25', an Embedder, a folder or a name.
+
+    ``indexes``: ``{dataset: index location}`` built with this model already (see
+    :class:`~rayembed.evaluate.retrieval.DenseRetriever`)."""
     if isinstance(model, str) and model.strip().lower() == BM25:
         b = bm25 or BM25Config()
         return BM25Retriever(k1=b.k1, b=b.b, stopwords=b.stopwords, stemmer=b.stemmer)
@@ -104,7 +108,7 @@ def load_retriever(
     else:
         instruct = query_instructions == "always"
     return DenseRetriever(emb, instruct=instruct, batch_size=batch_size, max_length=max_length,
-                          index_type=index_type, index_root=index_root)
+                          index_type=index_type, index_root=index_root, indexes=dict(indexes or {}))
 
 
 def evaluate_sts(retriever, data: STSData) -> dict[str, float]:
@@ -142,6 +146,7 @@ def evaluate_models(
     keep_indexes: bool = False,
     plot: bool = True,
     hybrid: Sequence[HybridSpec | Mapping[str, Any]] | None = None,
+    indexes: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model on every dataset; write the results to ``out_dir`` when given.
 
@@ -154,6 +159,9 @@ def evaluate_models(
     ``hybrid``: extra rows, each an embedder's index searched with several methods fused
     (:class:`~rayembed.config.eval.HybridSpec`); their embedder is ``spec.model`` (a name of
     ``models``, a folder or a registered name), else the last embedding model of ``models``.
+    ``indexes``: ``{model row: {dataset: index location}}`` of exact indexes already built with
+    that row's model (the pipeline's index stage): those datasets are searched through them
+    instead of encoding their corpus again; ``results["models"][row]["index_from"]`` says which.
     Returns the dictionary written as ``results.json``.
     """
     hybrids = [h if isinstance(h, HybridSpec) else HybridSpec(**h) for h in (hybrid or [])]
@@ -166,7 +174,7 @@ def evaluate_models(
             models, datasets, out_dir, hybrids, shared, data_dir=data_dir, instructions=instructions,
             query_instructions=query_instructions, top_k=top_k, batch_size=batch_size, max_length=max_length,
             bm25=bm25, passkey=passkey, device=device, dtype=dtype, index_type=index_type,
-            keep_indexes=keep_indexes, plot=plot)
+            keep_indexes=keep_indexes, plot=plot, indexes=indexes or {})
 
 
 def _hybrid_model(spec: HybridSpec, models: Mapping[str, Any]) -> tuple[str | None, Any]:
@@ -187,7 +195,7 @@ def _hybrid_model(spec: HybridSpec, models: Mapping[str, Any]) -> tuple[str | No
 
 def _evaluate_models(models, datasets, out_dir, hybrids: list[HybridSpec], shared: Path | None, *,
                      data_dir, instructions, query_instructions, top_k, batch_size, max_length, bm25, passkey,
-                     device, dtype, index_type, keep_indexes, plot) -> dict[str, Any]:
+                     device, dtype, index_type, keep_indexes, plot, indexes) -> dict[str, Any]:
     hybrid_models = {_hybrid_model(h, models)[0] for h in hybrids}
     loaded = [
         d if isinstance(d, (RetrievalData, STSData)) else load_dataset(d, data_dir, dict(instructions or {}))
@@ -212,7 +220,7 @@ def _evaluate_models(models, datasets, out_dir, hybrids: list[HybridSpec], share
             retriever = _hybrid_retriever(model, models, shared, common)
             source = "hybrid"
         else:
-            retriever = load_retriever(name, model, index_root=index_root, **common)
+            retriever = load_retriever(name, model, index_root=index_root, indexes=indexes.get(name), **common)
             source = model if isinstance(model, str) else type(model).__name__
         results["models"][name] = {"source": str(source), **retriever.describe(),
                                    "load_seconds": round(time.perf_counter() - t_load, 2)}
@@ -231,6 +239,8 @@ def _evaluate_models(models, datasets, out_dir, hybrids: list[HybridSpec], share
             row["seconds"] = round(time.perf_counter() - t0, 2)
             results["metrics"][name][data.name] = row
             logger.info("%s on %s: %s", name, data.name, _brief(row))
+        if getattr(retriever, "index_used", None):
+            results["models"][name]["index_from"] = dict(retriever.index_used)
         if passkey is not None and passkey.enabled and not isinstance(retriever, HybridRetriever):
             results.setdefault("passkey", {})[name] = run_passkey_for(retriever, passkey)
         del retriever
@@ -300,6 +310,10 @@ def render_table(results: Mapping[str, Any]) -> str:
                 if row is None:
                     continue
                 lines.append(f"| {m} | " + " | ".join(_fmt(row.get(k)) for k in keys) + f" | {row.get('seconds')} |")
+    prebuilt = {m: info["index_from"] for m, info in results.get("models", {}).items() if info.get("index_from")}
+    if prebuilt:
+        lines += ["", "Searched through the index stage's exact indexes (their corpora were not encoded again): "
+                  + "; ".join(f"{m} on {', '.join(sorted(v))}" for m, v in prebuilt.items()) + "."]
     if results.get("passkey"):
         lengths = sorted({int(n) for rows in results["passkey"].values() for n in rows})
         lines += ["", "### Passkey retrieval (top-1 accuracy per document length in tokens)", "",

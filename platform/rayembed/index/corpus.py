@@ -39,10 +39,17 @@ class ColumnMapping:
 
 
 def encode_text(text: str, title: str | None, include_title: bool) -> str:
-    """What the encoder sees for a document: 'title text' (BEIR convention) or the text alone."""
-    if include_title and title:
-        return f"{title} {text}"
-    return text
+    """What the encoder sees for a document: 'title text' (BEIR convention) or the text alone.
+
+    Runs of whitespace become one space, and a body that already opens with its title (Cranfield's
+    .W field repeats .T) does not get it twice. Evaluation formats documents with this same
+    function, so an index built here can stand in for evaluation's own encoding of the corpus.
+    """
+    text = " ".join((text or "").split())
+    title = " ".join((title or "").split()) if include_title else ""
+    if not title or text.startswith(title):
+        return text
+    return f"{title} {text}".rstrip()
 
 
 def normalize(rows: Iterable[dict[str, Any]], mapping: ColumnMapping, *, start_row: int = 0,
