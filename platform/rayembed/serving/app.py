@@ -58,8 +58,8 @@ class ServeArgs(BaseModel):
     index_dir: str | None = Field(None, description="Index folder to serve; overrides serve.index_dir.")
     embedder: str | None = Field(None, description="Embedder folder or name; overrides serve.embedder.")
     index_version: str | None = Field(
-        None, description="Manifest version to serve (set by swap_index, so an updated index in the same folder "
-        "is reloaded)."
+        None, description="Manifest version to serve: changing it in a Serve config redeploys an updated index in "
+        "the same folder (swap_index sets the Retriever's user_config instead)."
     )
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rayembed.serving.app import manifest_version  # noqa: F401 - public here too
+from rayembed.serving.app import RETRIEVER_NAME, manifest_version  # noqa: F401 - public here too
 
 logger = logging.getLogger(__name__)
 
@@ -237,9 +237,12 @@ def swap_index(index_dir: str | os.PathLike, timeout_s: float = 300.0) -> str:
         )
     version = manifest_version(new_dir)
     schema = _RUN["schema"]
-    schema["applications"][0]["args"]["index_dir"] = str(new_dir)
-    schema["applications"][0]["args"]["index_version"] = version  # same folder, updated manifest: still a swap
-    name = schema["applications"][0]["name"]
+    app = schema["applications"][0]
+    # Only the Retriever's user_config changes (its version too: an updated manifest in the same
+    # folder is still a swap). With the app's args untouched Serve applies it as an override,
+    # without running the app builder again, and calls reconfigure on the running replicas.
+    app["deployments"] = [{"name": RETRIEVER_NAME, "user_config": {"index_dir": str(new_dir), "version": version}}]
+    name = app["name"]
     t0 = time.perf_counter()
     _apply(schema)
     _wait_healthy(_RUN["base_url"], timeout_s, want_version=version)
