@@ -176,6 +176,92 @@ def test_auth_through_openai_client(endpoint):
     assert httpx.get(url + "/healthz").status_code == 200  # health stays open for probes
 
 
+def test_updated_index_in_the_same_folder_swaps_under_load(http, endpoint, tiny_indexes, local_embedder, tmp_path):
+    """`rayembed index update` on the folder being served, then a swap to its new manifest: no
+    failed request, each client sees the old version then the new one (never back), the new one
+    never returns a deleted document and finds the upserted ones. Serves a copy of v1, so the
+    module's v1 folder stays as built; v1 is served again afterwards (the next test expects it)."""
+    import shutil
+
+    from rayembed.index.update import update_index
+    from rayembed.serving.server import manifest_version, swap_index
+
+    live = tmp_path / "live"
+    shutil.copytree(tiny_indexes["v1"], live)
+    old = manifest_version(live)
+    assert old == manifest_version(tiny_indexes["v1"])  # same manifest bytes: same version
+    assert swap_index(live) == old
+    query = {"query": "rivers", "k": 5}
+    before = http.post("/search", json=query).json()
+    assert before["index_version"] == old
+    deleted = before["results"][0]["ids"][:3]  # documents the clients are being answered with
+    upserts = [
+        {"id": "new0", "text": "rivers"},
+        {"id": "new1", "text": "a new passage about rivers and their deltas"},
+        {"id": "a5", "text": "a replaced passage about rivers"},  # an existing id: replaced
+    ]
+    answers: dict[int, list[tuple[str, list[str]]]] = {0: [], 1: []}
+    failures, stop = [], threading.Event()
+
+    def client_loop(n: int):
+        import httpx
+
+        with httpx.Client(base_url=endpoint["url"], headers={"Authorization": f"Bearer {endpoint['key']}"}, timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post("/search", json=query)
+                    if r.status_code != 200:
+                        failures.append((r.status_code, r.text))
+                    else:
+                        body = r.json()
+                        answers[n].append((body["index_version"], body["results"][0]["ids"]))
+                except Exception as e:  # any transport error is a failed request
+                    failures.append(repr(e))
+
+    def each_client_has(n: int, version: str) -> None:
+        deadline = time.monotonic() + 60  # generous: a loaded 2-core machine answers slowly
+        while time.monotonic() < deadline and not failures:
+            if all(sum(v == version for v, _ in a) >= n for a in answers.values()):
+                return
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client_loop, args=(n,)) for n in answers]
+    for t in threads:
+        t.start()
+    try:
+        each_client_has(2, old)
+        summary = update_index(live, upsert=upserts, delete=deleted, embedder=local_embedder)
+        assert (summary["upserted"], summary["replaced"], summary["deleted"]) == (3, 1, 3)
+        new = manifest_version(live)
+        assert new != old
+        each_client_has(4, old)  # the new manifest is on disk; the old version is served until the swap
+        assert {v for a in answers.values() for v, _ in a} == {old}
+        assert swap_index(live) == new
+        each_client_has(5, new)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    try:
+        assert not failures, failures[:3]
+        for n, seq in answers.items():
+            versions = [v for v, _ in seq]
+            assert set(versions) == {old, new}, (n, set(versions))
+            switch = versions.index(new)
+            assert versions[:switch] == [old] * switch and versions[switch:] == [new] * (len(versions) - switch), n
+            for v, ids in seq:
+                if v == old:
+                    assert ids[:3] == deleted
+                else:
+                    assert ids[0] == "new0" and not set(ids) & set(deleted), ids
+        for u in upserts[1:]:
+            res = http.post("/search", json={"query": u["text"], "k": 3}).json()
+            assert res["index_version"] == new
+            assert res["results"][0]["ids"][0] == u["id"] and res["results"][0]["texts"][0] == u["text"]
+    finally:
+        assert swap_index(tiny_indexes["v1"]) == old
+
+
 def test_hot_swap_under_load_has_no_failed_requests(http, endpoint, tiny_indexes):
     from rayembed.serving.server import manifest_version, swap_index
 
