@@ -227,7 +227,7 @@ def test_a_dead_endpoint_stops_the_run_early(ray_local, scripted_llm, api_key, t
 
 
 def test_fingerprint_covers_every_setting_that_changes_rows(tmp_path):
-    from rayembed.synth.pipeline import _check_manifest, fingerprint
+    from rayembed.synth.pipeline import check_manifest, fingerprint
 
     def fp(*overrides):
         return fingerprint(synth_cfg(tmp_path, "http://127.0.0.1:1/v1", *overrides).synth, 0)
@@ -250,9 +250,9 @@ def test_fingerprint_covers_every_setting_that_changes_rows(tmp_path):
     for same in ("synth.num_actors=3", "synth.request_timeout_s=9", "synth.base_url=http://127.0.0.1:2/v1",
                  "synth.api_key=sk-other-0123456789abcdef", "synth.max_failure_rate=0.9", "synth.max_in_flight=2"):
         assert fp(same)["fingerprint"] == base["fingerprint"], same
-    _check_manifest(tmp_path / "o", base, overwrite=False)
+    check_manifest(tmp_path / "o", base, overwrite=False)
     with pytest.raises(ConfigError, match=r"changed: temperature"):
-        _check_manifest(tmp_path / "o", fp("synth.temperature=0.7"), overwrite=False)
+        check_manifest(tmp_path / "o", fp("synth.temperature=0.7"), overwrite=False)
 
 
 class Killed(Exception):
