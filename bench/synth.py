@@ -67,8 +67,8 @@ def cfg_for(url: str, tmp: str, *extra: str):
 def bench_client(latency_s: float, n: int) -> dict:
     from rayembed.synth.client import Secret
     from rayembed.synth.languages import LanguageSampler, language_weights
-    from rayembed.synth.pipeline import SynthWorker, client_settings, validation_settings
     from rayembed.synth.prompts import generation_specs
+    from rayembed.synth.worker import SynthWorker, client_settings, validation_settings
 
     server = ServerProcess(latency_s)
     try:

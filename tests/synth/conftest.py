@@ -52,7 +52,7 @@ def synth_cfg(tmp_path: Path, base_url: str, *overrides: str):
 def make_worker():
     """An in-process SynthWorker (the same class the Ray actors run) for a config."""
     from rayembed.synth.client import Secret
-    from rayembed.synth.pipeline import SynthWorker, client_settings, validation_settings
+    from rayembed.synth.worker import SynthWorker, client_settings, validation_settings
 
     workers = []
 
