@@ -68,7 +68,7 @@ def test_outputs_written_to_folders_refuse_uris_with_the_fix(tmp_path):
     from rayembed.config import load_config
     from rayembed.data.mix import build_mix
     from rayembed.pipeline import Pipeline
-    from rayembed.synth.pipeline import output_dir
+    from rayembed.synth.resume import output_dir
 
     assert local_folder("file:///mnt/x", what="k") == Path("/mnt/x")
     for fn, match in (

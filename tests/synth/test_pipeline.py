@@ -227,7 +227,7 @@ def test_a_dead_endpoint_stops_the_run_early(ray_local, scripted_llm, api_key, t
 
 
 def test_fingerprint_covers_every_setting_that_changes_rows(tmp_path):
-    from rayembed.synth.pipeline import check_manifest, fingerprint
+    from rayembed.synth.resume import check_manifest, fingerprint
 
     def fp(*overrides):
         return fingerprint(synth_cfg(tmp_path, "http://127.0.0.1:1/v1", *overrides).synth, 0)
