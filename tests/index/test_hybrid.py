@@ -14,7 +14,8 @@ import pytest
 
 from rayembed.index import IndexIntegrityError, ShardedIndex, build_index_in_process
 from rayembed.modeling.heads import maxsim
-from rayembed.search import HybridSearcher, rerank_multivector
+from rayembed.rerank.multivector import rerank_multivector
+from rayembed.search import HybridSearcher
 
 TOPICS = {
     "wing": "wing flap lift airfoil stall aircraft",

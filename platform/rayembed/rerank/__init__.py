@@ -11,9 +11,12 @@ Two models, one call::
 - ``llm``: :class:`~rayembed.rerank.llm.LLMReranker`, a causal LM scoring each pair by
   logit(" yes") - logit(" no") (trained with ``train.mode=rerank``).
 - ``multivector``: ColBERT-style MaxSim with the embedder's multivector head
-  (:func:`rayembed.search.rerank.rerank_multivector`); the embedder must have that head.
+  (:func:`rayembed.rerank.multivector.rerank_multivector`); the embedder must have that head.
 
 The HTTP endpoint's ``POST /rerank`` answers with exactly this function's output.
+
+The package holds the reranking models: :mod:`~rayembed.rerank.llm` (the LLM reranker) and
+:mod:`~rayembed.rerank.multivector` (MaxSim over texts given with the query).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def rerank(
                 "model='multivector' needs an embedder trained with its multivector head "
                 "(model.heads.multivector=true); this one has none. Use model='llm', or train the head first."
             )
-        from rayembed.search.rerank import rerank_multivector
+        from rayembed.rerank.multivector import rerank_multivector
 
         scores = rerank_multivector(embedder, query, texts, instruction=instruction) if texts else np.zeros(0)
     else:

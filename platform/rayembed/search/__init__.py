@@ -2,13 +2,14 @@
 
 Public API::
 
-    from rayembed.search import HybridSearcher, rrf, weighted_sum, rerank_multivector
+    from rayembed.search import HybridSearcher, rrf, weighted_sum
 
     s = HybridSearcher.open("runs/idx", embedder=emb)
     hits = s.search(["query"], k=10, methods={"dense": 1, "bm25": 1}, fusion="rrf", rerank="multivector")
 
 See :mod:`rayembed.search.fusion` for the fusion formulas and :mod:`rayembed.index.lexical` for
-the index parts on disk.
+the index parts on disk. MaxSim over texts given with the query (not read from an index) is
+:func:`rayembed.rerank.multivector.rerank_multivector`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from rayembed.search.fusion import fuse, minmax, rrf, weighted_sum
 
 if TYPE_CHECKING:
     from rayembed.search.hybrid import HybridSearcher
-    from rayembed.search.rerank import rerank_multivector
 
-_LAZY = {"HybridSearcher": "rayembed.search.hybrid", "rerank_multivector": "rayembed.search.rerank"}
+_LAZY = {"HybridSearcher": "rayembed.search.hybrid"}
 
 
 def __getattr__(name: str) -> Any:
@@ -33,4 +33,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rayembed.search' has no attribute {name!r}")
 
 
-__all__ = ["HybridSearcher", "fuse", "minmax", "rerank_multivector", "rrf", "weighted_sum"]
+__all__ = ["HybridSearcher", "fuse", "minmax", "rrf", "weighted_sum"]

@@ -287,7 +287,7 @@ class QueryEncoder:
 
     async def rerank_multivector(self, query: str, texts: list[str], instruction: str | None = None) -> np.ndarray:
         """MaxSim scores of ``texts`` against ``query`` (POST /rerank, model multivector)."""
-        from rayembed.search.rerank import rerank_multivector
+        from rayembed.rerank.multivector import rerank_multivector
 
         return await asyncio.to_thread(rerank_multivector, self.emb, query, texts, instruction=instruction)
 

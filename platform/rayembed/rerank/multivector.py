@@ -1,4 +1,5 @@
-"""Multi-vector (late-interaction) reranking of given texts: MaxSim over token vectors encoded on the fly.
+"""Multi-vector (late-interaction) reranking of given texts: MaxSim over token vectors encoded on the fly
+by an embedder with the multivector head.
 
 Example::
 
