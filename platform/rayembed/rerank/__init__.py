@@ -15,8 +15,9 @@ Two models, one call::
 
 The HTTP endpoint's ``POST /rerank`` answers with exactly this function's output.
 
-The package holds the reranking models: :mod:`~rayembed.rerank.llm` (the LLM reranker) and
-:mod:`~rayembed.rerank.multivector` (MaxSim over texts given with the query).
+The package holds all of reranking: :mod:`~rayembed.rerank.llm` (the LLM reranker model),
+:mod:`~rayembed.rerank.multivector` (MaxSim over texts given with the query) and
+:mod:`~rayembed.rerank.task` (``train.mode=rerank``'s training task).
 """
 
 from __future__ import annotations
