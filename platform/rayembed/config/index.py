@@ -11,6 +11,24 @@ Example (a recipe fragment)::
       encode: {min_actors: 1, max_actors: 4, num_cpus_per_actor: 0.5, batch_size: 64}
       parts: [dense, bm25]                    # FAISS shards plus a BM25 index beside them
 
+Compact vectors (the sentence-transformers quantisation recipe)::
+
+    index:
+      storage: binary       # sign bits of the centred vectors: 32x smaller than fp32 in memory
+      rescore_k: 40         # re-score the top 40 Hamming candidates with the float32 vectors on disk
+      dims: 256             # Matryoshka: keep the first 256 coordinates, re-normalised
+
+``storage``: ``fp32``, ``fp16``, ``sq8`` (8-bit scalar quantiser) or ``binary`` (faiss
+``IndexBinaryFlat`` / ``IndexBinaryIVF`` over the sign bits of each vector less the corpus mean;
+index_type flat or ivf_flat, and a dimension divisible by 8). ``sq8`` and ``binary`` keep each
+shard's float32 vectors on disk beside it (``shards/shard-NNNNN.npy``, memory-mapped at search,
+read only for the candidates) and re-score the top ``rescore_k`` candidates with them, so recall
+stays close to float32: empty (the default) means ``4 * k`` for a top-k search, 0 turns rescoring
+off and keeps no float copy (the compact scores are returned: SQ8 inner products, or
+``dims - 2 * hamming`` for binary), a number N re-scores max(N, k). ``ShardedIndex.search`` takes
+``rescore_k=`` per query. ``dims`` builds the index over the first ``dims`` coordinates of each
+vector, re-normalised; the manifest records it and search cuts full-size queries the same way.
+
 ``parts`` lists what is built beside the id map: ``dense`` (FAISS shards), ``bm25`` (needs no
 model; ``parts: [bm25]`` alone is a BM25-only index), ``sparse`` and ``multivector`` (the
 embedder's learned heads, ``model.heads.*``). Search them with ``rayembed.search.HybridSearcher``.
@@ -24,7 +42,7 @@ from typing import Literal
 from rayembed.config.base import ConfigError, option
 
 INDEX_TYPES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
-STORAGES = ("fp32", "fp16", "sq8")
+STORAGES = ("fp32", "fp16", "sq8", "binary")
 INDEX_PARTS = ("dense", "bm25", "sparse", "multivector")
 
 
@@ -108,8 +126,17 @@ class IndexConfig:
     index_type: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = option(
         "flat", "FAISS index: flat (exact), ivf_flat, ivf_pq (compressed) or hnsw (graph)."
     )
-    storage: Literal["fp32", "fp16", "sq8"] = option(
-        "fp32", "Vector storage for flat, ivf_flat and hnsw: fp32, fp16 (half) or sq8 (8-bit scalar quantiser)."
+    storage: Literal["fp32", "fp16", "sq8", "binary"] = option(
+        "fp32", "Vector storage for flat, ivf_flat and hnsw: fp32, fp16 (half), sq8 (8-bit scalar quantiser) or "
+        "binary (sign bits of the centred vectors, Hamming search; flat or ivf_flat, dimension divisible by 8)."
+    )
+    rescore_k: int | None = option(
+        None, "sq8 and binary: candidates re-scored with the float32 vectors kept on disk beside each shard. "
+        "Empty: 4*k for a top-k search; 0: no rescoring and no float copy; N: max(N, k). Settable per query."
+    )
+    dims: int | None = option(
+        None, "Matryoshka truncation: index the first dims coordinates of each vector, re-normalised; queries "
+        "are cut the same way at search. Empty: every coordinate."
     )
     nlist: int = option(0, "IVF lists. 0: about 4*sqrt(N), capped so each list gets 39 training vectors.")
     nprobe: int = option(16, "IVF lists probed per query (default; settable per query).")
@@ -142,6 +169,27 @@ class IndexConfig:
                 f"index.storage={self.storage} does not apply to ivf_pq (PQ is its own compression); "
                 "use storage: fp32 with ivf_pq."
             )
+        if self.storage == "binary" and self.index_type not in ("flat", "ivf_flat"):
+            raise ConfigError(
+                f"index.storage=binary works with index_type flat or ivf_flat (faiss IndexBinaryFlat, IndexBinaryIVF), "
+                f"not {self.index_type}; set index.index_type=flat (or ivf_flat), or choose storage: sq8."
+            )
+        if self.rescore_k is not None:
+            if self.rescore_k < 0:
+                raise ConfigError(f"index.rescore_k must be >= 0 (0: no rescoring) or empty, got {self.rescore_k}.")
+            if self.rescore_k > 0 and self.storage not in ("sq8", "binary"):
+                raise ConfigError(
+                    f"index.rescore_k={self.rescore_k} re-scores compact codes, and storage {self.storage} has none; "
+                    "use storage: sq8 or binary with it, or leave index.rescore_k empty."
+                )
+        if self.dims is not None:
+            if self.dims < 1:
+                raise ConfigError(f"index.dims must be a positive number of leading coordinates or empty, got {self.dims}.")
+            if self.storage == "binary" and self.dims % 8:
+                raise ConfigError(
+                    f"index.dims={self.dims} with storage binary: the sign bits are packed 8 to a byte, so dims must "
+                    f"be divisible by 8; use e.g. index.dims={max(8, self.dims - self.dims % 8)}."
+                )
         if self.shard_size < 1:
             raise ConfigError(f"index.shard_size must be at least 1, got {self.shard_size}.")
         if self.num_shards < 0 or self.nlist < 0 or self.pq_m < 0 or self.train_size < 0:

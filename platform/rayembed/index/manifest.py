@@ -8,6 +8,7 @@ Layout of an index directory::
     docs/docs-00000.parquet  # id map: id, doc_id, text, title, metadata (JSON)
     shards/shard-00000.faiss # vectors of ids [id_start, id_end) under their global ids
     shards/shard-00000.json  # sidecar: rows, id range, bytes, sha256 (a shard counts only with it)
+    shards/shard-00000.npy   # sq8/binary with rescoring: the shard's float32 vectors (rows, dim), in id order
     bm25/ sparse/ multivector/  # optional extra parts (see rayembed.index.lexical), in manifest["parts"]
     shards/delta-v0002-00000.faiss, docs/docs-v0002-00000.parquet  # delta shards of update version 2
     tombstones/tombstones-v0002.npy  # internal ids deleted or replaced up to version 2 (int64, sorted)
@@ -17,6 +18,15 @@ its ``shards`` list the base shards and then the delta shards (``"delta": <versi
 ids continue after the base; ``tombstones`` names the file of dead ids; ``version`` counts the
 manifests written (a fresh build is version 1). Compaction writes a version-1-format manifest
 again, with new base shards and no tombstones.
+
+Compact storage (see :mod:`rayembed.index.faiss_util`): ``storage: binary`` shards are faiss
+binary indexes (read with ``faiss.read_index_binary``) of the sign bits of each vector less
+``manifest["center"]`` (a list of ``dim`` floats: the mean of the training sample). A shard
+record's ``vectors`` (``{"file", "bytes", "sha256"}``, sq8 and binary unless ``rescore_k`` is 0)
+names its float32 copy, row ``i`` holding global id ``id_start + i``, read memory-mapped to
+re-score candidates. ``dim`` is the stored dimension; ``embedder_dim`` the embedder's (they differ
+when ``spec["dims"]`` truncates). Manifests without these keys are fp32/fp16/sq8 indexes
+without rescoring, of the embedder's own dimension.
 
 ``manifest["kind"]`` is ``"dense"`` (FAISS shards, the usual index; manifests without the key
 are dense) or ``"lexical"``: a BM25-only index with the id map and the ``bm25`` part, no FAISS
@@ -216,11 +226,14 @@ def part_files(rec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def index_files(m: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every file record a manifest lists: shards, id maps, the trained index and the parts' files."""
+    """Every file record a manifest lists: shards (and their float copies), id maps, the trained
+    index and the parts' files."""
     files: list[dict[str, Any]] = []
     for s in m.get("shards", []):
         if "file" in s and "sha256" in s:
             files.append({k: s[k] for k in ("file", "bytes", "sha256")})
+        if s.get("vectors"):
+            files.append(s["vectors"])
         if s.get("docs"):
             files.append(s["docs"])
     if m.get("trained"):
