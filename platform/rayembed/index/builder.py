@@ -4,11 +4,14 @@
    with consecutive global ids (empty documents are counted and skipped). ``plan.json`` records the
    parts, their id ranges and checksums, and a key (corpus fingerprint, columns, index spec,
    embedder identity) that a resumed build must match.
-2. **Train** (IVF, PQ, SQ8 only): encode a random sample, train once, save the empty
-   ``trained.index``.
+2. **Train** (IVF, PQ, SQ8, binary only): encode a random sample, train once, save the empty
+   ``trained.index`` (binary: its mean is the centre of the sign bits, kept in the plan and then
+   the manifest as ``center``, the same for every shard).
 3. **Shards**: encode the documents of every shard whose verified file is missing, add them
-   under their global ids to a copy of the trained index, write the shard and then its sidecar.
-   A killed build loses at most the shards in flight.
+   under their global ids to a copy of the trained index, write the shard (sq8 and binary with
+   rescoring: and its float32 vectors, ``shards/shard-NNNNN.npy``) and then its sidecar.
+   A killed build loses at most the shards in flight. With ``dims`` the vectors are cut to their
+   first ``dims`` coordinates and re-normalised before anything is stored.
 4. **Parts** (optional, ``parts=``): the ``bm25``, ``sparse`` and ``multivector`` parts beside
    the shards (:mod:`rayembed.index.lexical`), each file recorded with its sha256; resumed per
    part (BM25) or per shard (sparse, multivector) like the shards.
@@ -46,7 +49,18 @@ from rayembed.index.corpus import (
     normalize,
     resolve_corpus,
 )
-from rayembed.index.faiss_util import METRIC, IndexSpec, new_index, train_index, write_index_verified
+from rayembed.index.faiss_util import (
+    METRIC,
+    IndexSpec,
+    add_vectors,
+    center_of,
+    corpus_center,
+    new_index,
+    prepare_vectors,
+    train_index,
+    write_floats_verified,
+    write_index_verified,
+)
 from rayembed.index.lexical import (
     BM25Params,
     MultivectorEncodeFn,
@@ -155,6 +169,11 @@ def _docs_name(i: int) -> str:
     return f"{DOCS_DIR}/docs-{i:05d}.parquet"
 
 
+def floats_name(shard_file: str) -> str:
+    """The float32 rescoring copy beside a shard file: ``shards/shard-00000.faiss`` -> ``.npy``."""
+    return str(Path(shard_file).with_suffix(".npy").as_posix())
+
+
 def _docs_table(rows: list[dict[str, Any]], id_start: int):
     import pyarrow as pa
 
@@ -175,12 +194,19 @@ def _write_faiss(index, path: Path) -> None:
         write_index_verified(index, tmp)
 
 
-def read_faiss(path: Path, *, what: str):
-    """``faiss.read_index`` with a clear error naming the file when it is damaged."""
+def write_floats(vectors: np.ndarray, path: Path) -> None:
+    """Write the float32 rescoring copy, verify it, then rename it into place (like :func:`_write_faiss`)."""
+    with atomic_path(path) as tmp:
+        write_floats_verified(vectors, tmp)
+
+
+def read_faiss(path: Path, *, what: str, binary: bool = False):
+    """``faiss.read_index`` (``read_index_binary`` when ``binary``) with a clear error naming the
+    file when it is damaged."""
     import faiss
 
     try:
-        return faiss.read_index(str(path))
+        return (faiss.read_index_binary if binary else faiss.read_index)(str(path))
     except RuntimeError as e:
         raise IndexIntegrityError(
             f"{what} {path} cannot be read by faiss ({str(e).splitlines()[0][:200]}); it is corrupt or "
@@ -315,6 +341,16 @@ class IndexBuild:
         logger.info("Planned %d shards for %d documents in %s", len(shards), next_id, self.root)
         return plan
 
+    @property
+    def index_dim(self) -> int:
+        """The stored dimension: ``spec.dims`` when set, else the embedder's."""
+        return self.spec.index_dim(self.dim)
+
+    @property
+    def center(self) -> np.ndarray | None:
+        """The binary centre (index_dim,) recorded when training; None for other storages."""
+        return center_of(self.plan.get("center"))
+
     # ---- step 2: train
 
     def sample_texts(self, include_title: bool = True) -> tuple[np.ndarray, list[str]]:
@@ -342,12 +378,15 @@ class IndexBuild:
     def train(self, vectors: np.ndarray) -> None:
         """Train the empty index on ``vectors`` (n, dim) and save it as ``trained.index``."""
         self._check_vectors(vectors)
-        index = new_index(self.spec, self.dim)
+        vectors = prepare_vectors(vectors, self.spec)
+        center = corpus_center(vectors) if self.spec.binary else None
+        index = new_index(self.spec, self.index_dim)
         t = time.perf_counter()
-        train_index(index, vectors, self.use_gpu)
+        train_index(index, vectors, self.use_gpu, center)
         path = self.root / TRAINED
         _write_faiss(index, path)
         self.plan["trained"] = file_record(self.root, path)
+        self.plan["center"] = center.tolist() if center is not None else None
         atomic_write_json(self.root / PLAN, self.plan)
         logger.info("Trained %s on %d vectors in %.1fs", self.spec.factory_string(), len(vectors), time.perf_counter() - t)
 
@@ -355,8 +394,8 @@ class IndexBuild:
         """A fresh copy of the empty (trained) index that shards add to."""
         if self.spec.trained:
             path = verify_file(self.root, self.plan["trained"], what="trained index")
-            return read_faiss(path, what="trained index")
-        return new_index(self.spec, self.dim)
+            return read_faiss(path, what="trained index", binary=self.spec.binary)
+        return new_index(self.spec, self.index_dim)
 
     # ---- step 3: shards
 
@@ -373,7 +412,9 @@ class IndexBuild:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return False
         same = all(rec.get(k) == shard[k] for k in ("file", "rows", "id_start", "id_end"))
-        return same and rec.get("docs", {}).get("sha256") == shard["docs"]["sha256"] and is_valid(self.root, rec)
+        floats = not self.spec.keeps_floats or is_valid(self.root, rec.get("vectors"))
+        return (same and floats and rec.get("docs", {}).get("sha256") == shard["docs"]["sha256"]
+                and is_valid(self.root, rec))
 
     def missing_shards(self) -> list[dict[str, Any]]:
         if not self.dense:
@@ -414,12 +455,17 @@ class IndexBuild:
                 "the encoder lost or duplicated rows."
             )
         self._check_vectors(vectors)
+        vectors = prepare_vectors(vectors, self.spec)  # (rows, index_dim)
         index = self.empty_index()
-        index.add_with_ids(vectors, ids)
+        add_vectors(index, vectors, ids, self.center)
         path = self.root / shard["file"]
         _write_faiss(index, path)
         side = {k: shard[k] for k in ("file", "rows", "id_start", "id_end", "docs")}
         side.update(file_record(self.root, path))
+        if self.spec.keeps_floats:
+            fpath = self.root / floats_name(shard["file"])
+            write_floats(vectors, fpath)
+            side["vectors"] = file_record(self.root, fpath)
         atomic_write_json(self._sidecar(shard), side)
         logger.info("Wrote %s (%d vectors, ids %d..%d)", shard["file"], shard["rows"], shard["id_start"], shard["id_end"] - 1)
         if self.on_shard is not None:
@@ -441,12 +487,15 @@ class IndexBuild:
         shards = []
         for s in self.plan["shards"]:
             side = json.loads(self._sidecar(s).read_text())
-            shards.append({k: side[k] for k in ("file", "rows", "id_start", "id_end", "bytes", "sha256", "docs")})
+            shards.append({k: side[k] for k in ("file", "rows", "id_start", "id_end", "bytes", "sha256", "docs",
+                                                "vectors") if k in side})
         manifest = {
             "kind": KIND_DENSE,
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "dim": self.dim,
+            "dim": self.index_dim,
+            "embedder_dim": self.dim,
+            "center": self.plan.get("center"),
             "metric": METRIC,
             "index_type": self.spec.index_type,
             "storage": self.spec.storage,

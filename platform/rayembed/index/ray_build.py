@@ -6,14 +6,16 @@
    two files), so their contents and global id ranges depend only on the files and their row
    counts, never on how Ray Data splits blocks: a retried or resumed shard is the same shard.
    ``plan.json`` goes to the output location.
-3. **Train** (IVF, PQ, SQ8 only). A seeded sample of documents is encoded on the actor pool; the
-   driver trains the quantizer on those vectors (``index.train_size`` of them, whatever the corpus
-   size) and writes ``trained.index``.
+3. **Train** (IVF, PQ, SQ8, binary only). A seeded sample of documents is encoded on the actor
+   pool; the driver trains the quantizer on those vectors (``index.train_size`` of them, whatever
+   the corpus size) and writes ``trained.index``; for binary storage the sample's mean is the
+   centre of every shard's sign bits (``center`` in the plan and the manifest).
 4. **Shards.** ``map_batches(ShardActor, compute=ActorPoolStrategy(min, max))`` over the pending
    shard descriptors: each actor loads the embedder once (a LoRA adapter merged for inference),
    then per shard reads its slice of the corpus, writes the id map (``docs/``), encodes the dense
-   vectors and, with heads, the ``sparse`` and ``multivector`` parts, writes the FAISS shard, and
-   writes the sidecar ``shards/shard-NNNNN.json`` **last**, each file with its sha256, straight to
+   vectors and, with heads, the ``sparse`` and ``multivector`` parts, writes the FAISS shard (and,
+   for sq8 and binary with rescoring, its float32 vectors ``shards/shard-NNNNN.npy``; with
+   ``index.dims`` every vector is cut and re-normalised first), and writes the sidecar ``shards/shard-NNNNN.json`` **last**, each file with its sha256, straight to
    the output location. The driver receives only that sidecar.
 5. **BM25** (``bm25`` in ``index.parts``): one task reads the id maps and writes ``bm25/``.
 6. **Manifest** (driver), written last: its presence means the index is complete.
@@ -61,7 +63,18 @@ from rayembed.index.corpus import (
     read_smart,
     resolve_corpus,
 )
-from rayembed.index.faiss_util import METRIC, IndexSpec, new_index, train_index, write_index_verified
+from rayembed.index.faiss_util import (
+    METRIC,
+    IndexSpec,
+    add_vectors,
+    center_of,
+    corpus_center,
+    new_index,
+    prepare_vectors,
+    train_index,
+    write_floats_verified,
+    write_index_verified,
+)
 from rayembed.index.lexical import (
     BM25_DIR,
     MULTIVECTOR_DIR,
@@ -264,7 +277,7 @@ class ShardActor:
     def __init__(self, name_or_path: str, load_kwargs: dict[str, Any], *, output: str, mapping: dict[str, Any],
                  parts: list[str], spec: dict[str, Any], dim: int, trained: dict[str, Any] | None,
                  batch_size: int = 64, max_length: int | None = None, instruction: str | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, center: list[float] | None = None):
         import ray
         import torch
 
@@ -282,6 +295,7 @@ class ShardActor:
         self.parts = parts
         self.spec = IndexSpec(**spec)
         self.dim = dim
+        self.center = center_of(center)
         self.trained = trained
         self._empty = None
         self.batch_size = batch_size
@@ -318,7 +332,8 @@ class ShardActor:
         import faiss
 
         if not self.spec.trained:
-            return new_index(self.spec, self.dim)
+            return new_index(self.spec, self.spec.index_dim(self.dim))
+        binary = self.spec.binary
         if self._empty is None:
             from rayembed.io import sha256_file
 
@@ -327,8 +342,9 @@ class ShardActor:
                 local.write_bytes(self.out.read_bytes(TRAINED))
                 if sha256_file(local) != self.trained["sha256"]:
                     raise IndexIntegrityError(f"{self.out.uri}/{TRAINED} fails its sha256 check; rerun the build.")
-                self._empty = faiss.serialize_index(faiss.read_index(str(local)))
-        return faiss.deserialize_index(self._empty)
+                self._empty = (faiss.serialize_index_binary(faiss.read_index_binary(str(local))) if binary
+                               else faiss.serialize_index(faiss.read_index(str(local))))
+        return faiss.deserialize_index_binary(self._empty) if binary else faiss.deserialize_index(self._empty)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "positions" in batch:
@@ -369,16 +385,21 @@ class ShardActor:
             })
             pq.write_table(table, root / _docs_name(i))
             vectors, heads = self._encode_with_heads(texts)
+            vectors = prepare_vectors(vectors, self.spec)  # (rows, index_dim): cut to index.dims if set
             index = self._empty_index()
-            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+            add_vectors(index, vectors, ids, self.center)
             write_index_verified(index, root / shard["file"])  # size + re-read before upload
             side: dict[str, Any] = {k: shard[k] for k in ("index", "file", "rows", "id_start", "id_end")}
             side.update(_file_record(root, root / shard["file"]))
             side["docs"] = _file_record(root, root / _docs_name(i))
+            if self.spec.keeps_floats:
+                fname = str(PurePosixPath(shard["file"]).with_suffix(".npy"))
+                write_floats_verified(vectors, root / fname)
+                side["vectors"] = _file_record(root, root / fname)
             if index.ntotal != shard["rows"] or side["bytes"] == 0:
                 raise IndexIntegrityError(f"{shard['file']} holds {index.ntotal} vectors for {shard['rows']} rows.")
             side["parts"] = self._write_parts(root, shard, texts, heads)
-            files = [side["file"], side["docs"]["file"]] + [
+            files = [side["file"], side["docs"]["file"]] + ([side["vectors"]["file"]] if "vectors" in side else []) + [
                 f["file"] for p in side["parts"].values() for f in _part_shard_files(p)]
             for rel in files:
                 self.out.put_file(root / rel, rel)
@@ -604,15 +625,17 @@ def build_index(cfg: Any) -> Path | str:
         mapping=mapping_d, parts=[p for p in parts if p in ("sparse", "multivector")], spec=spec.to_dict(),
         dim=dim, trained=plan.get("trained"), batch_size=enc.batch_size, max_length=enc.max_length,
         instruction=icfg.doc_instruction, num_threads=max(1, int(round(enc.num_cpus_per_actor))),
+        center=plan.get("center"),
     )
     # 3. train the quantizer on a sample the workers encode
     if spec.trained and not _valid_remote(out, plan.get("trained")):
-        plan["trained"] = _train(cfg, out, plan, spec, dim, actor_kwargs, traffic)
+        plan["trained"], plan["center"] = _train(cfg, out, plan, spec, dim, actor_kwargs, traffic)
         actor_kwargs["trained"] = plan["trained"]
+        actor_kwargs["center"] = plan["center"]
         out.write_json(PLAN, plan)
 
     # 4. shards: the workers write them; the driver gets their sidecars
-    done, pending = _done_shards(out, plan, parts, traffic)
+    done, pending = _done_shards(out, plan, parts, traffic, floats=spec.keeps_floats)
     pending_rows = sum(s["rows"] for s in pending)
     logger.info("Index %s: %d shards done, %d to build (%d documents) with %d-%d actors (%s)", out.uri, len(done),
                 len(pending), pending_rows, enc.min_actors, enc.max_actors, remote)
@@ -654,10 +677,12 @@ def build_index(cfg: Any) -> Path | str:
             actor_kwargs["output"], ordered, bm.to_dict(), icfg.include_title)))
 
     # 6. manifest, last
-    shards_m = [{k: done[s["index"]][k] for k in ("file", "rows", "id_start", "id_end", "bytes", "sha256", "docs")}
+    shards_m = [{k: done[s["index"]][k] for k in ("file", "rows", "id_start", "id_end", "bytes", "sha256", "docs",
+                                                   "vectors") if k in done[s["index"]]}
                 for s in plan["shards"]]
     manifest = {
-        "kind": KIND_DENSE, "format": FORMAT, "format_version": FORMAT_VERSION, "dim": dim, "metric": METRIC,
+        "kind": KIND_DENSE, "format": FORMAT, "format_version": FORMAT_VERSION, "dim": spec.index_dim(dim),
+        "embedder_dim": dim, "center": plan.get("center"), "metric": METRIC,
         "index_type": spec.index_type, "storage": spec.storage, "factory": spec.factory_string(),
         "spec": spec.to_dict(), "ntotal": plan["ntotal"], "num_shards": len(shards_m), "shards": shards_m,
         "trained": plan.get("trained"), "parts": part_recs, "embedder": identity, "embedder_name": str(name),
@@ -747,10 +772,11 @@ def _listing(out: Any) -> dict[str, int]:
     return {i.path: i.size for i in infos if i.type == pafs.FileType.File}
 
 
-def _done_shards(out: Any, plan: dict[str, Any], parts: tuple[str, ...], traffic: DriverTraffic
-                 ) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
-    """Shards whose sidecar matches the plan, has every asked-for part and whose files are in
-    place with their recorded sizes (their sha256 is checked by whoever reads them)."""
+def _done_shards(out: Any, plan: dict[str, Any], parts: tuple[str, ...], traffic: DriverTraffic, *,
+                 floats: bool = False) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """Shards whose sidecar matches the plan, has every asked-for part (and its float vectors when
+    ``floats``) and whose files are in place with their recorded sizes (their sha256 is checked by
+    whoever reads them)."""
     sizes = _listing(out)
 
     def in_place(rec: dict[str, Any] | None) -> bool:
@@ -767,7 +793,8 @@ def _done_shards(out: Any, plan: dict[str, Any], parts: tuple[str, ...], traffic
             side is not None
             and all(side.get(k) == s[k] for k in ("file", "rows", "id_start", "id_end"))
             and all(p in side.get("parts", {}) for p in parts if p in ("sparse", "multivector"))
-            and all(in_place(r) for r in [side, side["docs"]]
+            and (not floats or "vectors" in side)
+            and all(in_place(r) for r in [side, side["docs"]] + ([side["vectors"]] if "vectors" in side else [])
                     + [f for p in side.get("parts", {}).values() for f in _part_shard_files(p)])
         )
         if ok:
@@ -799,8 +826,9 @@ def _shard_parts(done: dict[int, dict[str, Any]], plan: dict[str, Any], parts: t
 
 
 def _train(cfg: Any, out: Any, plan: dict[str, Any], spec: IndexSpec, dim: int, actor_kwargs: dict[str, Any],
-           traffic: DriverTraffic) -> dict[str, Any]:
-    """Encode a seeded sample on the actor pool, train the empty index on it, write ``trained.index``."""
+           traffic: DriverTraffic) -> tuple[dict[str, Any], list[float] | None]:
+    """Encode a seeded sample on the actor pool, train the empty index on it, write ``trained.index``;
+    returns its record and the binary centre (the sample's mean; None for other storages)."""
     import ray.data
 
     n = plan["ntotal"]
@@ -821,16 +849,18 @@ def _train(cfg: Any, out: Any, plan: dict[str, Any], spec: IndexSpec, dim: int, 
     vectors = np.concatenate(vecs)  # (train_size, dim): bounded by index.train_size, not the corpus
     traffic.records += len(rows)
     traffic.bytes += int(vectors.nbytes)
-    index = new_index(spec, dim)
+    vectors = prepare_vectors(vectors, spec)
+    center = corpus_center(vectors) if spec.binary else None
+    index = new_index(spec, spec.index_dim(dim))
     t = time.perf_counter()
-    train_index(index, vectors, cfg.index.use_gpu)
+    train_index(index, vectors, cfg.index.use_gpu, center)
     with tempfile.TemporaryDirectory() as d:
         local = Path(d) / TRAINED
         write_index_verified(index, local)
         rec = _file_record(Path(d), local)
         out.put_file(local, TRAINED)
     logger.info("Trained %s on %d vectors in %.1fs", spec.factory_string(), len(vectors), time.perf_counter() - t)
-    return rec
+    return rec, (center.tolist() if center is not None else None)
 
 
 def _lexical_only(cfg: Any, out: Any, files: list[dict[str, Any]], fmt: str, mapping: ColumnMapping) -> Path | str:
