@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instruction", help="Query instruction (E5-style models); empty for none.")
     p.add_argument("--nprobe", type=int, help="IVF lists to probe.")
     p.add_argument("--ef-search", type=int, help="HNSW efSearch.")
+    p.add_argument("--rescore-k", type=int,
+                   help="sq8/binary indexes: candidates re-scored with the float vectors (0: none; default: the index's).")
     p.add_argument("--json", action="store_true", help="Print JSON lines instead of a table.")
     p.add_argument("--snippet", type=int, default=100, help="Characters of text shown (default 100).")
     p.set_defaults(func=run)
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     except IndexIntegrityError as e:
         raise ValueError(str(e)) from e
     vecs = emb.encode(args.query, instruction=args.instruction or None)
-    scores, ids = idx.search(vecs, args.k, nprobe=args.nprobe, ef_search=args.ef_search)
+    scores, ids = idx.search(vecs, args.k, nprobe=args.nprobe, ef_search=args.ef_search, rescore_k=args.rescore_k)
     for q, row_s, row_i in zip(args.query, scores, ids):
         docs = idx.get_documents(row_i)
         if args.json:

@@ -5,6 +5,13 @@ Example::
     idx = ShardedIndex.open("runs/demo/index", expected_embedder=emb)
     scores, ids = idx.search(emb.encode_queries(["what is faiss"], instruction), k=10)  # (1, 10), (1, 10)
     docs = idx.get_documents(ids[0])      # [{"id", "doc_id", "text", "title", ...}, ...]
+
+Compact indexes (``index.storage`` sq8 or binary, see :mod:`rayembed.index.faiss_util`) are
+searched for ``rescore_k`` candidates per shard (Hamming distance for binary), which are then
+re-scored by exact inner products with the float32 vectors memory-mapped from each shard's
+``.npy`` before the usual merge; ``idx.search(q, 10, rescore_k=40)`` sets the depth per query.
+An index built with ``index.dims`` takes queries of the embedder's full dimension and cuts them
+to the stored one (first ``dims`` coordinates, re-normalised).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from rayembed.index.builder import read_faiss
 from rayembed.index.faiss_util import (
     IndexSpec,
     bitmap_selector,
+    center_of,
+    encode_binary,
     gpu_available,
     inner_index,
     new_index,
@@ -91,13 +100,20 @@ class ShardedIndex:
     """The shards of one index, searched together. Scores are inner products (cosine on unit vectors)."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], shards: list[Any], version: str, use_gpu: bool,
-                 live: np.ndarray | None = None):
+                 live: np.ndarray | None = None, floats: list[np.ndarray | None] | None = None):
         self.root = root
         self.manifest = manifest
         self._shards = shards
         self.version = version
         self.on_gpu = use_gpu
         self.spec = IndexSpec(**manifest["spec"])
+        self.binary = self.spec.binary
+        # Binary codes are taken of the vector less this centre (the training sample's mean).
+        self.center = center_of(manifest.get("center"))
+        # Per shard: its float32 vectors (rows, index_dim), memory-mapped, for rescoring; None: not kept.
+        self._floats = list(floats) if floats is not None else [None] * len(shards)
+        # IndexBinaryIVF takes no search parameters, hence no IDSelector: filter by over-fetching.
+        self._overfetch = self.binary and self.spec.index_type == "ivf_flat"
         self._starts = np.array([s["id_start"] for s in manifest["shards"]], dtype=np.int64)
         self.docs = DocStore(root, manifest["shards"], manifest["ntotal"])
         self._lock = threading.Lock()
@@ -110,7 +126,7 @@ class ShardedIndex:
         # IVF shards share one trained coarse quantizer, so their inverted lists can be stacked
         # into one read-only view (faiss HStackInvertedLists): one search, exact same results.
         self._stacked = None
-        if len(shards) > 1 and self.spec.index_type in ("ivf_flat", "ivf_pq") and not use_gpu:
+        if len(shards) > 1 and self.spec.index_type in ("ivf_flat", "ivf_pq") and not use_gpu and not self.binary:
             self._stacked = self._stack_ivf(shards)
         # Few queries on big flat shards: faiss uses one thread per query, so search shards in parallel.
         self._scan_heavy = self.spec.index_type == "flat" and self.ntotal / max(len(shards), 1) >= 50_000
@@ -153,29 +169,48 @@ class ShardedIndex:
         from rayembed.index.update import live_mask
 
         live = live_mask(root, m, verify=verify)
-        gpu = gpu_available(use_gpu) and live is None  # FAISS GPU indexes take no IDSelector
-        shards = []
+        binary = IndexSpec(**m["spec"]).binary
+        if binary and (m.get("center") is None or len(m["center"]) != m["dim"]):
+            raise IndexIntegrityError(
+                f"Binary index {manifest_path} lacks its centre ('center', {m['dim']} floats); the manifest is "
+                "damaged. Rebuild the index."
+            )
+        # FAISS GPU indexes take no IDSelector; binary shards stay on the CPU.
+        gpu = gpu_available(use_gpu) and live is None and not binary
+        shards, floats = [], []
         for i, rec in enumerate(m["shards"]):
             what = f"shard {i}"
             path_i = verify_file(root, rec, what=what, check_hash=verify)
             verify_file(root, rec["docs"], what=f"id map of shard {i}", check_hash=verify)
-            index = read_faiss(path_i, what=what)
+            index = read_faiss(path_i, what=what, binary=binary)
             if index.d != m["dim"] or index.ntotal != rec["rows"]:
                 raise IndexIntegrityError(
                     f"{what} {path_i} holds {index.ntotal} vectors of dim {index.d}, but the manifest "
                     f"{manifest_path} says {rec['rows']} of dim {m['dim']}. The manifest does not match; rebuild."
                 )
             shards.append(to_gpu(index, use_gpu) if gpu else index)
+            floats.append(_open_floats(root, rec, int(m["dim"]), what=f"float vectors of shard {i}", verify=verify))
         version = hashlib.sha256(raw or b"").hexdigest()[:16]
         logger.info("Opened index %s: %d vectors, %d shards, %s, version %s", root, m["ntotal"], len(shards),
                     m.get("factory"), version)
-        return cls(root, m, shards, version, gpu, live)
+        return cls(root, m, shards, version, gpu, live, floats)
 
     # ------------------------------------------------------------------ properties
 
     @property
     def dim(self) -> int:
+        """The dimension of the queries :meth:`search` takes: the embedder's (see :attr:`index_dim`)."""
+        return int(self.manifest.get("embedder_dim") or self.manifest["dim"])
+
+    @property
+    def index_dim(self) -> int:
+        """The stored dimension: ``index.dims`` when the index was built with it, else :attr:`dim`."""
         return int(self.manifest["dim"])
+
+    @property
+    def has_floats(self) -> bool:
+        """Whether every shard keeps its float32 vectors, so that candidates can be re-scored."""
+        return bool(self._floats) and all(f is not None for f in self._floats)
 
     @property
     def ntotal(self) -> int:
@@ -204,7 +239,7 @@ class ShardedIndex:
         return list(self._shards)
 
     def __repr__(self) -> str:
-        return (f"ShardedIndex({str(self.root)!r}, ntotal={self.ntotal}, dim={self.dim}, "
+        return (f"ShardedIndex({str(self.root)!r}, ntotal={self.ntotal}, dim={self.index_dim}, "
                 f"shards={self.num_shards}, type={self.manifest.get('factory')!r}, version={self.version!r})")
 
     # ------------------------------------------------------------------ search
@@ -223,26 +258,65 @@ class ShardedIndex:
             set_search_params(s, nprobe=nprobe, ef_search=ef_search)
         self._params = (nprobe, ef_search)
 
+    def prepare_queries(self, query_vectors: np.ndarray) -> np.ndarray:
+        """Queries as the shards hold vectors: (n, index_dim) float32. Queries of the embedder's
+        dimension are cut to ``index.dims`` and re-normalised (as the documents were); queries that
+        already have the stored dimension are taken as they are."""
+        from rayembed.index.quantize import truncate
+
+        q = np.asarray(query_vectors, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        shapes = f"(n, {self.dim})" + (f" or (n, {self.index_dim})" if self.index_dim != self.dim else "")
+        if q.ndim != 2 or q.shape[1] not in (self.dim, self.index_dim):
+            raise ValueError(f"query_vectors must have shape {shapes}; got {np.shape(query_vectors)}.")
+        if q.shape[1] != self.index_dim:
+            q = truncate(q, self.index_dim)
+        return np.ascontiguousarray(q)
+
+    def _rescore_depth(self, k: int, rescore_k: int | None) -> int:
+        """Candidates to re-score for a top-``k`` search: 0 (none) or at least ``k``."""
+        r = self.spec.default_rescore_k(k) if rescore_k is None else int(rescore_k)
+        if r < 0:
+            raise ValueError(f"rescore_k must be >= 0 (0: no rescoring), got {rescore_k}.")
+        if r == 0:
+            return 0
+        if not self.has_floats:
+            if rescore_k is None:  # the default of an index built without float vectors
+                return 0
+            raise ValueError(
+                f"rescore_k={rescore_k} needs the float vectors kept beside the shards, and index {self.root} "
+                f"(storage {self.spec.storage}) has none. Rebuild it with index.storage sq8 or binary and "
+                "index.rescore_k not 0, or search without rescore_k."
+            )
+        return max(r, k)
+
     def search(self, query_vectors: np.ndarray, k: int, *, nprobe: int | None = None,
                ef_search: int | None = None, allowed: np.ndarray | None = None,
-               filter: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               filter: dict[str, Any] | None = None, rescore_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` over all shards: scores (n, k) float32 and global ids (n, k) int64.
 
         Where fewer than ``k`` results exist the id is -1 and the score -inf. Tombstoned ids are
         never returned. ``allowed`` ((ntotal,) bool, e.g. from a metadata filter) restricts the
-        search to those ids inside FAISS (an IDSelector), so a filter costs no over-fetching.
+        search to those ids inside FAISS (an IDSelector), so a filter costs no over-fetching
+        (except on binary IVF shards: ``IndexBinaryIVF`` takes no search parameters, so there the
+        search fetches deeper, doubling until enough allowed ids are found, and drops the others).
         ``filter``: a metadata filter (see :mod:`rayembed.index.filters`), compiled to ``allowed``
         over the index's field index; a bad one raises :class:`~rayembed.index.filters.FilterError`.
+
+        ``query_vectors``: (n, :attr:`dim`), or already cut to (n, :attr:`index_dim`) (see
+        :meth:`prepare_queries`). ``rescore_k`` (sq8 and binary indexes with float vectors):
+        search that many candidates per shard (at least ``k``) and re-score them with exact float32
+        inner products; 0 returns the compact scores (SQ8 inner products, or ``index_dim - 2 *
+        hamming`` for binary: the inner product of the ±1 sign vectors). None: the index's
+        ``rescore_k``, whose default is ``4 * k`` where float vectors are kept.
         """
-        q = np.ascontiguousarray(query_vectors, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"query_vectors must have shape (n, {self.dim}); got {query_vectors.shape}.")
+        q = self.prepare_queries(query_vectors)  # (n, index_dim)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
         n = q.shape[0]
         sel = self._live_sel
+        mask = self._live  # ids a search may return; None: all
         if filter is not None:
             fmask = self.filter_mask(filter)
             allowed = fmask if allowed is None else (np.asarray(allowed, dtype=bool) & fmask)
@@ -255,22 +329,36 @@ class ShardedIndex:
                                  "open it with use_gpu='false'.")
             if self._live is not None:
                 allowed = allowed & self._live
+            mask = allowed
             sel = bitmap_selector(allowed)
             kk = min(k, int(allowed.sum()))
         else:
             kk = min(k, self.live_count)
         if kk == 0:
             return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+        rk = self._rescore_depth(kk, rescore_k)
+        depth = max(kk, rk)
+        x = encode_binary(q, self.center) if self.binary else q  # (n, index_dim / 8) uint8 codes for binary
         with self._lock:
             eff = (nprobe if nprobe is not None else self._default[0],
                    ef_search if ef_search is not None else self._default[1])
             self._apply(*eff)
-            if sel is not None:
-                def one(s):
-                    return s.search(q, kk, params=selector_params(s, sel[0], nprobe=eff[0], ef_search=eff[1]))
+            if sel is not None and self._overfetch:
+                def raw(s):
+                    return _search_dropping(s, x, depth, mask)
+            elif sel is not None:
+                def raw(s):
+                    return s.search(x, depth, params=selector_params(s, sel[0], nprobe=eff[0], ef_search=eff[1]))
             else:
-                def one(s):
-                    return s.search(q, kk)
+                def raw(s):
+                    return s.search(x, depth)
+
+            def one(s):
+                d, i = raw(s)
+                if self.binary:  # Hamming distance -> inner product of the ±1 sign vectors
+                    d = (self.index_dim - 2 * d.astype(np.int64)).astype(np.float32)
+                return d, i
+
             if self._stacked is not None:
                 parts = [one(self._stacked[-1])]
             elif self._pool is None or n >= 64 or not self._scan_heavy:
@@ -279,13 +367,14 @@ class ShardedIndex:
                 parts = [one(s) for s in self._shards]
             else:
                 parts = list(self._pool.map(one, self._shards))
-        if len(parts) == 1:
-            scores, ids = parts[0]
-        else:
-            scores = np.concatenate([p[0] for p in parts], axis=1)  # (n, shards * kk)
-            ids = np.concatenate([p[1] for p in parts], axis=1)  # (n, shards * kk)
+        scores = np.concatenate([p[0] for p in parts], axis=1)  # (n, parts * depth)
+        ids = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64)  # (n, parts * depth)
+        if rk:
+            scores = self._rescore(q, ids)
+        if len(parts) > 1 or scores.shape[1] != kk or rk:
             scores = np.where(ids < 0, -np.inf, scores)
-            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]  # (n, kk)
+            top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk] if scores.shape[1] > kk else \
+                np.broadcast_to(np.arange(scores.shape[1]), (n, scores.shape[1]))
             scores = np.take_along_axis(scores, top, axis=1)
             ids = np.take_along_axis(ids, top, axis=1)
             order = np.argsort(-scores, axis=1, kind="stable")
@@ -297,6 +386,21 @@ class ShardedIndex:
             scores = np.concatenate([scores, np.full((n, k - kk), -np.inf, np.float32)], axis=1)
             ids = np.concatenate([ids, np.full((n, k - kk), -1, np.int64)], axis=1)
         return scores, ids
+
+    def _rescore(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact inner products (n, c) float32 of ``q`` (n, d) with the float vectors of the candidate
+        global ``ids`` (n, c); -inf where the id is -1. Each shard's memory map is read once, in id
+        order, for the distinct candidates it holds."""
+        exact = np.full(ids.shape, -np.inf, np.float32)
+        valid = ids >= 0
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        for si in np.unique(shard_of[valid]).tolist():
+            at = valid & (shard_of == si)
+            uniq, inv = np.unique(ids[at], return_inverse=True)
+            vecs = np.asarray(self._floats[si][uniq - self._starts[si]], dtype=np.float32)  # (u, d)
+            rows = np.nonzero(at)[0]
+            exact[at] = np.einsum("ij,ij->i", vecs[inv], q[rows])
+        return exact
 
     def field_index(self):
         """The metadata :class:`~rayembed.index.filters.FieldIndex`, built on first use from the id map."""
@@ -353,16 +457,20 @@ class ShardedIndex:
         trained = self.manifest.get("trained")
         if trained:
             path = verify_file(self.root, trained, what="trained index")
-            return read_faiss(path, what="trained index")
-        return new_index(self.spec, self.dim)
+            return read_faiss(path, what="trained index", binary=self.binary)
+        return new_index(self.spec, self.index_dim)
 
     def merged(self):
         """One CPU faiss index holding every shard under its global ids (for serving on one machine).
 
         IVF and flat shards are merged list by list; HNSW graphs are rebuilt from the stored vectors.
+        The float vectors of sq8 and binary indexes are not part of it: it searches the codes alone.
         """
         import faiss
 
+        if self.binary:
+            raise ValueError(f"Index {self.root} is binary; merged() joins float-storage shards only. Search it "
+                             "with ShardedIndex.search, which re-scores with the float vectors.")
         hnsw = self.spec.index_type == "hnsw"
         # Shards read back from disk share one concrete type, so the first is the merge target.
         out = self._empty() if hnsw else faiss.clone_index(self._cpu_shard(0))
@@ -386,3 +494,43 @@ class ShardedIndex:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _open_floats(root: Path, rec: dict[str, Any], dim: int, *, what: str, verify: bool) -> np.ndarray | None:
+    """The float32 vectors (rows, dim) a shard record lists under ``vectors``, memory-mapped; None if none."""
+    if not rec.get("vectors"):
+        return None
+    path = verify_file(root, rec["vectors"], what=what, check_hash=verify)
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise IndexIntegrityError(f"{what} {path} cannot be read ({e}); delete it and rebuild the index.") from e
+    if x.dtype != np.float32 or x.shape != (rec["rows"], dim):
+        raise IndexIntegrityError(
+            f"{what} {path} holds {x.shape} {x.dtype}, but the manifest says ({rec['rows']}, {dim}) float32. "
+            "The manifest does not match; rebuild the index."
+        )
+    return x
+
+
+def _search_dropping(index, x: np.ndarray, depth: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``depth`` of ``index`` among the ids where ``mask`` is True, for indexes that take no
+    IDSelector (``IndexBinaryIVF``): fetch deeper, doubling, until each query has ``depth`` allowed
+    ids or has seen all it can reach, and drop the rest. Returns (distances, ids) (n, depth)."""
+    n, total = len(x), int(index.ntotal)
+    frac = max(float(mask.mean()), 1.0 / max(len(mask), 1))
+    fetch = max(1, min(total, int(np.ceil(depth / frac * 1.25))))
+    while True:
+        dist, ids = index.search(x, fetch)
+        keep = (ids >= 0) & mask[np.clip(ids, 0, None)]
+        done = (keep.sum(axis=1) >= depth) | (ids[:, -1] < 0)
+        if done.all() or fetch >= total:
+            break
+        fetch = min(total, fetch * 2)
+    out_d = np.zeros((n, depth), dtype=dist.dtype)
+    out_i = np.full((n, depth), -1, np.int64)
+    for r in range(n):
+        at = np.flatnonzero(keep[r])[:depth]
+        out_d[r, : len(at)] = dist[r, at]
+        out_i[r, : len(at)] = ids[r, at]
+    return out_d, out_i
