@@ -27,8 +27,13 @@ zero-downtime reload (the version is the manifest's hash, reported in every answ
 
 :func:`compact_index` writes new base shards holding only live vectors, renumbered 0..live-1 in
 internal-id order, from the stored codes (IVF lists are copied code by code; flat and HNSW vectors
-are reconstructed and re-added, exact for fp32 and fp16), then a manifest without deltas or
-tombstones. Indexes with extra parts (bm25, sparse, multivector) are refused: those parts are not
+are reconstructed and re-added, exact for fp32 and fp16; binary codes are copied as they are),
+then a manifest without deltas or tombstones.
+
+Compact storage (``sq8``, ``binary``) and ``dims`` are kept: delta shards are cut to the index's
+``dims``, binary ones take the base's centre (the manifest's ``center``), and where the base
+shards keep their float32 vectors for rescoring (``vectors``), deltas and compacted shards get
+theirs too (compaction copies the live rows). Indexes with extra parts (bm25, sparse, multivector) are refused: those parts are not
 updated yet, and serving stale lexical results beside fresh dense ones would be wrong.
 """
 
@@ -46,9 +51,25 @@ from typing import Any
 
 import numpy as np
 
-from rayembed.index.builder import DOCS_DIR, SHARDS_DIR, _docs_table, _write_faiss, read_faiss
+from rayembed.index.builder import (
+    DOCS_DIR,
+    SHARDS_DIR,
+    _docs_table,
+    _write_faiss,
+    floats_name,
+    read_faiss,
+    write_floats,
+)
 from rayembed.index.corpus import ColumnMapping, encode_text, iter_records, normalize, resolve_corpus
-from rayembed.index.faiss_util import IndexSpec, inner_index, new_index
+from rayembed.index.faiss_util import (
+    IndexSpec,
+    add_vectors,
+    center_of,
+    inner_index,
+    is_binary,
+    new_index,
+    prepare_vectors,
+)
 from rayembed.index.manifest import (
     FORMAT_VERSION,
     FORMAT_VERSION_UPDATED,
@@ -240,26 +261,42 @@ def _record(target: _Target, rel: str) -> dict[str, Any]:
 
 def _empty_index(root: Path, m: dict[str, Any]):
     """A copy of the base's trained (empty) index, or a fresh untrained-type one."""
+    binary = IndexSpec(**m["spec"]).binary
     if m.get("trained"):
         path = verify_file(root, m["trained"], what="trained index")
-        return read_faiss(path, what="trained index")
+        return read_faiss(path, what="trained index", binary=binary)
     return new_index(IndexSpec(**m["spec"]), int(m["dim"]))
+
+
+def _keeps_floats(m: dict[str, Any]) -> bool:
+    """Whether the index's shards keep float32 vectors for rescoring (so new shards must too)."""
+    return bool(m["shards"]) and all(s.get("vectors") for s in m["shards"])
 
 
 def _write_shard(target: _Target, root: Path, m: dict[str, Any], rows: list[dict[str, Any]], ids: np.ndarray,
                  vectors: np.ndarray | None, names: tuple[str, str], *, fill: Callable[[Any], None] | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write one shard (FAISS file + id-map part) for consecutive ``ids``; returns its manifest record."""
+                 extra: dict[str, Any] | None = None, floats: np.ndarray | None = None) -> dict[str, Any]:
+    """Write one shard (FAISS file + id-map part, and the float vectors where the index keeps them)
+    for consecutive ``ids``; returns its manifest record. ``vectors`` are stored vectors (already
+    cut to ``dims``); ``fill(index)`` adds codes instead, with ``floats`` the rows' float copy."""
     faiss_rel, docs_rel = names
     index = _empty_index(root, m)
     if fill is not None:
         fill(index)
     else:
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+        add_vectors(index, vectors, ids, center_of(m.get("center")))
+        floats = vectors if floats is None else floats
     _write_faiss(index, target.path(faiss_rel))
     atomic_write_parquet(target.path(docs_rel), _docs_table(rows, int(ids[0])))
     rec = {"file": faiss_rel, "rows": len(rows), "id_start": int(ids[0]), "id_end": int(ids[0]) + len(rows)}
     rec.update(_record(target, faiss_rel))
+    if _keeps_floats(m):
+        if floats is None or len(floats) != len(rows):
+            raise IndexIntegrityError(f"Shard {faiss_rel} needs the float vectors of its {len(rows)} rows; the index "
+                                      "keeps them for rescoring. Rebuild the index.")
+        vec_rel = floats_name(faiss_rel)
+        write_floats(floats, target.path(vec_rel))
+        rec["vectors"] = _record(target, vec_rel)
     rec["docs"] = _record(target, docs_rel)
     rec.update(extra or {})
     return rec
@@ -319,12 +356,14 @@ def update_index(index: str | os.PathLike, *, upsert: str | os.PathLike | Sequen
             enc = encode or _text_encoder(embedder, m, batch_size=batch_size, max_length=max_length,
                                           doc_instruction=doc_instruction)
             texts = [encode_text(r["text"], r["title"], mapping.include_title) for r in ups]
-            vectors = np.asarray(enc(texts), dtype=np.float32)  # (n_up, dim)
-            if vectors.shape != (len(ups), int(m["dim"])):
+            vectors = np.asarray(enc(texts), dtype=np.float32)  # (n_up, embedder dim)
+            full = int(m.get("embedder_dim") or m["dim"])
+            if vectors.shape != (len(ups), full):
                 raise ValueError(f"The encoder returned vectors of shape {vectors.shape}; the index needs "
-                                 f"({len(ups)}, {m['dim']}). Update with the embedder the index was built with.")
+                                 f"({len(ups)}, {full}). Update with the embedder the index was built with.")
             if not np.isfinite(vectors).all():
                 raise ValueError("The encoder returned NaN or infinite values; refusing to index them.")
+            vectors = prepare_vectors(vectors, IndexSpec(**m["spec"]))  # (n_up, dim): cut to index.dims if set
             size = _chunk_size(m)
             for j, lo in enumerate(range(0, len(ups), size)):
                 hi = min(lo + size, len(ups))
@@ -395,11 +434,18 @@ def _text_encoder(embedder: Any, m: dict[str, Any], *, batch_size: int, max_leng
 # ----------------------------------------------------------------------------- compaction
 
 
+def _ivf_of(index):
+    """The IVF index inside ``index`` (a float IVF, or a binary ``IndexBinaryIVF`` itself)."""
+    import faiss
+
+    return inner_index(index) if is_binary(index) else faiss.extract_index_ivf(index)
+
+
 def _ivf_entries(index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(list_no, ids, codes)`` of every entry of an IVF index: (n,), (n,) int64, (n, code_size) uint8."""
     import faiss
 
-    ivf = faiss.extract_index_ivf(index)
+    ivf = _ivf_of(index)
     invlists = ivf.invlists
     cs = invlists.code_size
     lists, ids, codes = [], [], []
@@ -416,10 +462,11 @@ def _ivf_entries(index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _flat_entries(index) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, vectors)`` of an IndexIDMap over a flat, SQ or HNSW index (vectors reconstructed)."""
+    """``(ids, vectors)`` of an IndexIDMap over a flat, SQ or HNSW index (vectors reconstructed), or
+    ``(ids, codes)`` of an IndexBinaryIDMap over an IndexBinaryFlat (its packed sign bits)."""
     import faiss
 
-    idmap = faiss.downcast_index(index)
+    idmap = faiss.downcast_IndexBinary(index) if is_binary(index) else faiss.downcast_index(index)
     ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
     vecs = inner_index(index).reconstruct_n(0, index.ntotal)  # (rows, dim)
     return ids, vecs
@@ -449,11 +496,18 @@ def compact_index(index: str | os.PathLike) -> dict[str, Any]:
         if n_live == 0:
             raise ValueError(f"Every document of {root} is deleted; nothing to compact. Rebuild the index instead.")
         ivf = m["index_type"] in ("ivf_flat", "ivf_pq")
+        spec = IndexSpec(**m["spec"])
+        keep_floats = _keeps_floats(m)
         # Gather the live entries of every shard under their new ids.
-        all_ids, payload, lists = [], [], []
+        all_ids, payload, lists, floats = [], [], [], []
         for i, rec in enumerate(m["shards"]):
             path = verify_file(root, rec, what=f"shard {i}")
-            sh = read_faiss(path, what=f"shard {i}")
+            sh = read_faiss(path, what=f"shard {i}", binary=spec.binary)
+            if keep_floats:
+                vpath = verify_file(root, rec["vectors"], what=f"float vectors of shard {i}")
+                fl = np.load(vpath, mmap_mode="r", allow_pickle=False)  # (rows, dim), row j = id id_start + j
+                live_rows = np.flatnonzero(live[rec["id_start"]:rec["id_end"]])
+                floats.append(np.asarray(fl[live_rows], dtype=np.float32))
             if ivf:
                 lst, ids, codes = _ivf_entries(sh)
                 lists.append(lst[live[ids]])
@@ -465,6 +519,8 @@ def compact_index(index: str | os.PathLike) -> dict[str, Any]:
         new_ids = np.concatenate(all_ids)
         payload_all = np.concatenate(payload)
         lists_all = np.concatenate(lists) if ivf else None
+        # The float copies are in internal-id order, shard after shard: row r is new id r.
+        floats_all = np.concatenate(floats) if keep_floats else None
         rows: list[dict[str, Any]] = []
         for rec in m["shards"]:
             table = read_docs_part(root, rec, ["id", "doc_id", "text", "title", "metadata"])
@@ -486,11 +542,12 @@ def compact_index(index: str | os.PathLike) -> dict[str, Any]:
                 raise IndexIntegrityError(f"Compaction found {len(ids_j)} vectors for ids [{lo}, {hi}); the shards of "
                                           f"{root} do not match their id maps. Rebuild the index.")
             names = (f"{SHARDS_DIR}/shard-c{version:04d}-{j:05d}.faiss", f"{DOCS_DIR}/docs-c{version:04d}-{j:05d}.parquet")
+            floats_j = floats_all[lo:hi] if keep_floats else None
             if ivf:
                 lists_j = lists_all[sel][order]
 
                 def fill(index, _l=lists_j, _i=ids_j, _c=data_j):
-                    inv = faiss.extract_index_ivf(index)
+                    inv = _ivf_of(index)
                     for lst in np.unique(_l):
                         at = np.flatnonzero(_l == lst)
                         ids_l = np.ascontiguousarray(_i[at])
@@ -499,9 +556,17 @@ def compact_index(index: str | os.PathLike) -> dict[str, Any]:
                     inv.ntotal = len(_i)
                     index.ntotal = len(_i)
 
-                shards.append(_write_shard(target, root, m, rows[lo:hi], ids_j, None, names, fill=fill))
-            else:
-                shards.append(_write_shard(target, root, m, rows[lo:hi], ids_j, data_j, names))
+                shards.append(_write_shard(target, root, m, rows[lo:hi], ids_j, None, names, fill=fill,
+                                           floats=floats_j))
+            elif spec.binary:  # packed sign bits: copied as they are (re-adding needs no float vectors)
+                def fill_codes(index, _i=ids_j, _c=data_j):
+                    index.add_with_ids(_c, _i)
+
+                shards.append(_write_shard(target, root, m, rows[lo:hi], ids_j, None, names, fill=fill_codes,
+                                           floats=floats_j))
+            else:  # re-added from the float copy where kept (the codes it gives are the original ones)
+                shards.append(_write_shard(target, root, m, rows[lo:hi], ids_j,
+                                           floats_j if keep_floats else data_j, names, floats=floats_j))
         new = {k: v for k, v in m.items() if k not in ("tombstones", "live")}
         new.update({
             "format_version": FORMAT_VERSION, "version": version, "ntotal": n_live, "num_shards": len(shards),
