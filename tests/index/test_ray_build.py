@@ -84,6 +84,30 @@ def test_ray_build_trains_ivf_once(ray_local, tiny_embedder_dir, tmp_path):
     assert ids[:, 0].tolist() == list(range(0, 100, 11))
 
 
+def test_ray_build_binary_with_dims_and_float_vectors(ray_local, tiny_embedder_dir, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    _corpus(corpus)
+    out = tmp_path / "bin"
+    opts = {"storage": "binary", "dims": 16, "rescore_k": 20}
+    cfg = _cfg(tmp_path, tiny_embedder_dir, corpus, out, *(f"index.{k}={v}" for k, v in opts.items()))
+    idx = ShardedIndex.open(build_index(cfg))
+    m = idx.manifest
+    assert m["factory"] == "BFlat" and m["dim"] == idx.index_dim == 16 and len(m["center"]) == 16
+    assert [s["vectors"]["file"] for s in m["shards"]] == [f"shards/shard-0000{i}.npy" for i in range(3)]
+    ref = ShardedIndex.open(build_index_in_process(str(tiny_embedder_dir), str(corpus), tmp_path / "ref",
+                                                   shard_size=40, **opts))
+    np.testing.assert_allclose(m["center"], ref.manifest["center"], atol=1e-6)  # the whole corpus is the sample
+    from rayembed.modeling.embedder import Embedder
+
+    emb = Embedder.from_pretrained(tiny_embedder_dir)
+    assert idx.dim == ref.dim == emb.dim  # queries of the embedder's dimension, cut by the index
+    q = emb.encode(["passage 5 about subject 9", "title 3 passage 30 about subject 2"])
+    s_ray, i_ray = idx.search(q, 5)
+    s_ref, i_ref = ref.search(q, 5)
+    np.testing.assert_allclose(s_ray, s_ref, atol=1e-4)
+    assert i_ray[:, 0].tolist() == i_ref[:, 0].tolist()
+
+
 def test_missing_corpus_and_bad_columns(tmp_path):
     from rayembed.config import ConfigError
     from rayembed.index.builder import build_with_encoder

@@ -122,6 +122,46 @@ def test_ivf_deltas_use_the_base_quantizer(tmp_path):
     np.testing.assert_allclose(s_c, s_u, atol=1e-6)
 
 
+def test_binary_dims_deltas_share_the_centre_and_keep_floats(tmp_path):
+    from rayembed.index.quantize import truncate
+
+    rng = np.random.default_rng(4)
+    x = unit(rng, 600, 32)
+    docs = [{"id": f"d{i}", "text": f"t{i}"} for i in range(len(x))]
+    build_index_from_vectors(x, tmp_path / "bin", docs=docs, storage="binary", dims=16, num_shards=2)
+    new_vecs = unit(rng, 40, 32)  # the embedder's full dimension: the update cuts them to 16
+    by_text = {f"n{i}": v for i, v in enumerate(new_vecs)}
+    ups = [{"id": f"d{i}", "text": f"n{i}"} for i in range(10)] + [{"id": f"e{i}", "text": f"n{i}"} for i in range(10, 40)]
+    update_index(tmp_path / "bin", upsert=ups, delete=[f"d{i}" for i in range(100, 130)],
+                 encode=lambda texts: np.stack([by_text[t] for t in texts]))
+    idx = ShardedIndex.open(tmp_path / "bin")
+    delta = idx.manifest["shards"][-1]
+    assert delta["delta"] == 2 and delta["vectors"]["file"] == "shards/delta-v0002-00000.npy"
+    final = {d["id"]: x[i] for i, d in enumerate(docs) if not 100 <= i < 130}
+    final.update({d["id"]: by_text[d["text"]] for d in ups})
+    names = list(final)
+    mat = truncate(np.stack([final[n] for n in names]), 16)
+    q = unit(rng, 20, 32)
+    # Rescoring every candidate: exact float scores over the live, cut vectors.
+    truth_s, truth_i = brute_force(mat, truncate(q, 16), 10)
+    s, d = _answers(idx, q, 10, rescore_k=idx.ntotal)
+    assert d == [[names[j] for j in row] for row in truth_i]
+    np.testing.assert_allclose(s, truth_s, atol=1e-5)
+    # Hamming scores alone: the deltas' codes were taken with the base's centre.
+    center = np.asarray(idx.manifest["center"], np.float32)
+    sign = np.where(mat - center > 0, 1.0, -1.0) @ np.where(truncate(q, 16) - center > 0, 1.0, -1.0).T  # (n, nq)
+    h, _ = _answers(idx, q, 10, rescore_k=0)
+    np.testing.assert_array_equal(h, -np.sort(-sign.T, axis=1)[:, :10])
+    compact_index(tmp_path / "bin")
+    comp = ShardedIndex.open(tmp_path / "bin")
+    assert comp.ntotal == len(names) and all(sh.get("vectors") for sh in comp.manifest["shards"])
+    s_c, d_c = _answers(comp, q, 10, rescore_k=comp.ntotal)
+    assert d_c == d
+    np.testing.assert_allclose(s_c, s, atol=1e-6)
+    h_c, _ = _answers(comp, q, 10, rescore_k=0)  # codes copied as they are
+    np.testing.assert_array_equal(h_c, h)
+
+
 def test_update_in_object_storage_writes_the_manifest_last(s3_store, tmp_path):
     from rayembed.cluster.storage import publish_folder, resolve_storage
     from rayembed.index.manifest import MANIFEST
