@@ -65,6 +65,18 @@ def tiny_embedder_copy(tiny_embedder_dir, tmp_path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    tiny models gain nothing from threads; on a shared, loaded machine they spin and stall."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 _RAY_TMP_DIRS: list[str] = []
 
 

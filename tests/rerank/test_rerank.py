@@ -18,14 +18,7 @@ POSITIVES = [f"{t} and more {t}" for t in TOPICS]
 NEGATIVES = [f"{TOPICS[(i + 1) % 4]} and more {TOPICS[(i + 1) % 4]}" for i in range(4)]
 INSTRUCTION = "Find the topic"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """A 2-layer model gains nothing from threads; on a shared, loaded machine they spin and stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ import socket
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 APP = "rayembed-hybrid-test"
 PREFIX = "/hybrid"
 TOPICS = ["rivers", "volcanoes", "bread", "compilers", "orbits", "violins", "glaciers", "honey", "chess", "tides"]
@@ -41,17 +43,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from threads; on a shared, loaded machine they spin and stall."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,7 @@ import torch
 from rayembed.config import load_config
 from rayembed.rerank.llm import LLMReranker
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """A 2-layer model gains nothing from threads; on a shared, loaded machine they spin and stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow
