@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from rayembed.config.base import ConfigError, option
 
 STRUCTURED_OUTPUT_MODES = ("json_schema", "json_object", "off")
-TASK_TYPES = ("short-long", "long-short", "short-short", "long-long", "sts", "bitext")
+TASK_TYPES = ("short-long", "long-short", "short-short", "long-long", "sts", "bitext", "corpus-queries")
 ASYMMETRIC_TYPES = ("short-long", "long-short", "short-short", "long-long")
 LANGUAGE_TIERS = ("high", "mid", "low")
 
@@ -92,15 +92,59 @@ class LLMServerConfig:
 
 
 @dataclass
+class CorpusQueriesConfig:
+    """The ``corpus-queries`` task (InPars / Promptagator): a query for each sampled passage of the
+    user's own corpus, kept only when the passage ranks in the top ``top_k`` for its query.
+
+    ``synth.num_examples.corpus-queries`` is the number of passages sampled."""
+
+    corpus: str | None = option(
+        None, "Corpus file or folder (JSONL, Parquet, BEIR, SMART); relative paths resolve against data_dir."
+    )
+    format: str = option("auto", "Corpus format: auto (from the suffix or folder), jsonl, parquet, beir or smart.")
+    name: str | None = option(None, "Corpus name written in each row's id and source. Empty: the file's name.")
+    id_field: str | None = option(None, "Column holding the document id. Empty: '_id', then 'id', else the row number.")
+    text_field: str = option("text", "Column holding the passage text.")
+    title_field: str | None = option("title", "Column holding the title (optional; empty to ignore).")
+    instruction: str = option(
+        "Given a web search query, retrieve relevant passages that answer the query",
+        "Instruction written on the rows (what the trained model is told the task is).",
+    )
+    min_passage_words: int = option(20, "Passages with fewer words are not sampled.")
+    max_passage_chars: int = option(1500, "A longer passage is cut to this many characters in the prompt.")
+    min_query_words: int = option(3, "Fewest words in a generated query.")
+    max_query_words: int = option(16, "Most words in a generated query.")
+    filter: str = option(
+        "bm25",
+        "Round-trip filter: bm25, a saved embedder folder or registered name (its exact search), or none.",
+    )
+    top_k: int = option(3, "Keep a query when its passage ranks in this many top results of the filter.")
+
+    def __post_init__(self) -> None:
+        if self.format not in ("auto", "jsonl", "parquet", "beir", "smart"):
+            raise ConfigError(f"synth.corpus_queries.format={self.format!r}; use auto, jsonl, parquet, beir or smart.")
+        if self.top_k < 1:
+            raise ConfigError(f"synth.corpus_queries.top_k={self.top_k} must be at least 1.")
+        if not 1 <= self.min_query_words <= self.max_query_words:
+            raise ConfigError("synth.corpus_queries needs 1 <= min_query_words <= max_query_words.")
+        if self.max_passage_chars < 100:
+            raise ConfigError("synth.corpus_queries.max_passage_chars must be at least 100.")
+
+
+@dataclass
 class SynthConfig:
     """Synthetic data generation: prompts, the LLM client, the actor pool, validation, output."""
 
     output_dir: str | None = option(None, "Where shards, rejects and the summary go. Empty: <run_dir>/synth.")
     # --- what to generate
     num_examples: dict[str, int] = option(
-        help="Target examples per task type (short-long, long-short, short-short, long-long, sts, bitext). "
-        "Asymmetric types may end below target when a brainstorm returns fewer tasks.",
+        help="Target examples per task type (short-long, long-short, short-short, long-long, sts, bitext, "
+        "corpus-queries). Asymmetric types may end below target when a brainstorm returns fewer tasks; "
+        "corpus-queries is the number of passages of synth.corpus_queries.corpus to write a query for.",
         factory=_default_counts,
+    )
+    corpus_queries: CorpusQueriesConfig = option(
+        help="The corpus-queries task: queries written for passages of your own corpus.", factory=CorpusQueriesConfig
     )
     tasks_per_brainstorm: int = option(20, "Task definitions asked for in one brainstorm request.")
     examples_per_task: int = option(1, "Generated examples per brainstormed task (the paper: about 3).")
@@ -206,6 +250,11 @@ class SynthConfig:
                 )
             if n < 0:
                 raise ConfigError(f"synth.num_examples.{t}={n} is negative; use 0 to skip a type.")
+        if self.num_examples.get("corpus-queries", 0) > 0 and not self.corpus_queries.corpus:
+            raise ConfigError(
+                "synth.num_examples.corpus-queries asks for queries but synth.corpus_queries.corpus is empty; "
+                "name the corpus to write queries for (e.g. synth.corpus_queries.corpus=msmarco-subset)."
+            )
         for t, w in self.tier_weights.items():
             if t not in LANGUAGE_TIERS or w < 0:
                 raise ConfigError(f"synth.tier_weights.{t}={w}: keys are high, mid, low with weights >= 0.")

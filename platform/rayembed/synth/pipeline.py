@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rayembed.synth.client import ClientSettings, Secret
+from rayembed.synth.corpus_queries import TASK_TYPE, CorpusQueries
 from rayembed.synth.prompts import PromptSpec, brainstorm_specs, generation_specs
 from rayembed.synth.resume import (
     check_manifest,
@@ -248,8 +249,9 @@ def _brainstorm(run: _Run) -> dict[str, list[str]]:
     return tasks
 
 
-def _generate(run: _Run, tasks: dict[str, list[str]]) -> None:
-    """Generate rows from the task lists into the shards, dropping rows already kept."""
+def _generate(run: _Run, tasks: dict[str, list[str]], corpus: CorpusQueries | None = None) -> None:
+    """Generate rows from the task lists (and the corpus-queries passages) into the shards,
+    dropping rows already kept and corpus queries that do not find their passage again."""
     import pyarrow.parquet as pq
 
     from rayembed.data.schema import to_table
@@ -262,6 +264,8 @@ def _generate(run: _Run, tasks: dict[str, list[str]]) -> None:
         sc.num_examples, run.seed, tasks, langs, sc.examples_per_task, sc.max_tokens, sc.long_long_min_words,
         sc.structured_output, min_document_words=sc.min_document_words, max_text_chars=sc.max_text_chars,
     )
+    if corpus is not None:
+        specs += corpus.specs(sc.num_examples.get(TASK_TYPE, 0), run.seed, sc.max_tokens, sc.structured_output)
     chunks = chunk(specs, sc.chunk_size)
     recover_parts(run.out, len(chunks))
     seen: set[str] = set()
@@ -273,7 +277,20 @@ def _generate(run: _Run, tasks: dict[str, list[str]]) -> None:
         st = SynthStats.from_dict(res["stats"])
         rows, rejects = [], list(res["rejects"])
         reasons = Counter(st.rejected_by_reason)
-        for row in res["rows"]:
+        generated = res["rows"]
+        queries = [r for r in generated if r["task_type"] == TASK_TYPE]
+        if queries and corpus is not None and sc.corpus_queries.filter != "none":
+            ranks = corpus.ranks([r["query"] for r in queries], [r["id"].split("/", 1)[1] for r in queries])
+            far = {r["id"]: int(k) for r, k in zip(queries, ranks) if k > sc.corpus_queries.top_k}
+            for r in queries:
+                if r["id"] in far:
+                    reasons["round_trip"] += 1
+                    rejects.append(make_reject(
+                        "generate", {"id": "", "task_type": TASK_TYPE, "language": r["language"]}, "round_trip",
+                        f"its passage {r['id']} ranked {far[r['id']]} under {sc.corpus_queries.filter} "
+                        f"(top_k={sc.corpus_queries.top_k})", json.dumps({"query": r["query"]}), None))
+            generated = [r for r in generated if r["id"] not in far]
+        for row in generated:
             if row["id"] in seen:
                 reasons["duplicate"] += 1
                 dup = {"id": "", "task_type": row["task_type"], "language": row["language"]}
@@ -317,6 +334,15 @@ def run_synth(cfg) -> dict[str, Any]:
     check_manifest(out, fingerprint(sc, seed), sc.overwrite)
     save_resolved(cfg, out, name="_config.resolved.yaml")
     t0 = time.monotonic()
+    corpus = None
+    if sc.num_examples.get(TASK_TYPE, 0) > 0:  # read (and refused if unusable) before any request
+        from rayembed.runtime import resolve_data_dir
+
+        try:
+            data_dir = resolve_data_dir(cfg.data_dir)
+        except FileNotFoundError:
+            data_dir = None
+        corpus = CorpusQueries.load(sc.corpus_queries, data_dir)
     server = None
     try:
         if sc.launch_local_llm:
@@ -331,7 +357,7 @@ def run_synth(cfg) -> dict[str, Any]:
         run = _Run(cfg, out, seed, client_settings(sc, base_url), key)
         tasks = _brainstorm(run)
         if not run.stats.stopped:
-            _generate(run, tasks)
+            _generate(run, tasks, corpus)
     finally:
         if server is not None:
             server.stop()
@@ -345,7 +371,22 @@ def run_synth(cfg) -> dict[str, Any]:
         f", ${summary['cost_usd']:.4f}" if summary["cost_usd"] else "", out,
     )
     _check_failures(run)
+    _check_round_trip(summary, sc)
     return summary
+
+
+def _check_round_trip(summary: dict[str, Any], sc) -> None:
+    """End the stage when corpus queries were written but the round-trip filter kept none."""
+    asked = sc.num_examples.get(TASK_TYPE, 0)
+    dropped = summary.get("rejected_by_reason", {}).get("round_trip", 0)
+    if asked and dropped and not summary.get("rows_by_task_type", {}).get(TASK_TYPE):
+        cq = sc.corpus_queries
+        raise SynthFailed(
+            f"synth: the round-trip filter kept none of the {dropped} corpus queries that parsed (no passage "
+            f"ranked in the top {cq.top_k} of {cq.filter} for its own query). Raise "
+            f"synth.corpus_queries.top_k, set synth.corpus_queries.filter=none to keep every query, or use a "
+            "stronger LLM; the queries are in _rejects/ with their ranks, and the other rows are kept."
+        )
 
 
 def _check_failures(run: _Run) -> None:

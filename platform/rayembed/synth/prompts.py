@@ -268,7 +268,7 @@ def _string(min_len: int, max_len: int) -> dict[str, Any]:
     return {"type": "string", "minLength": min_len, "maxLength": max(min_len, max_len)}
 
 
-def _words(min_words: int, max_chars: int, digits: bool = True) -> dict[str, Any]:
+def words_schema(min_words: int, max_chars: int, digits: bool = True) -> dict[str, Any]:
     """A string of ``min_words`` or more space-separated words, at most about ``max_chars`` long.
 
     A pattern, because llguidance cannot intersect a pattern with minLength/maxLength; the word
@@ -302,7 +302,7 @@ def response_schema(stage: str, task_type: str, ph: dict[str, Any], max_tokens: 
         n = int(ph.get("n", 1))
         per_item = max(40, min(400, (budget // max(1, n) - 4) * _CHARS_PER_TOKEN))
         # Task definitions need no digits; forbidding them stops "(1) (2) (3) ..." runs.
-        item = _words(_TASK_MIN_WORDS, per_item, digits=False)
+        item = words_schema(_TASK_MIN_WORDS, per_item, digits=False)
         return {
             "type": "object",
             "properties": {"tasks": {"type": "array", "items": item, "minItems": n, "maxItems": n}},
@@ -326,7 +326,7 @@ def response_schema(stage: str, task_type: str, ph: dict[str, Any], max_tokens: 
         if label:
             hi = min(hi, _SHORT_FIELD_CHARS)
         if spaced:
-            props[key] = _words(min_words if min_words > 1 else (1 if label else _MIN_SENTENCE_WORDS), hi)
+            props[key] = words_schema(min_words if min_words > 1 else (1 if label else _MIN_SENTENCE_WORDS), hi)
         else:  # Chinese, Japanese, Thai...: no spaces to count words by, and about a token a character
             props[key] = _string(min(lo, max_text_chars), hi // _CHARS_PER_TOKEN)
     if task_type == "sts":

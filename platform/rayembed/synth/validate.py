@@ -175,6 +175,8 @@ def reply_to_row(
         if e.reason == "no_json" and finish_reason == "length":
             raise Rejected("truncated_json", "hit max_tokens before the JSON object closed") from None
         raise
+    if task_type == "corpus-queries":
+        return corpus_query_row(spec, obj)
     qk, pk, nk = OUTPUT_KEYS[task_type]
     vals = {}
     for k in (qk, pk, nk):
@@ -235,4 +237,34 @@ def reply_to_row(
         "source": source,
         "language": lang,
         "symmetric": task_type in SYMMETRIC_INSTRUCTIONS,
+    }
+
+
+def corpus_query_row(spec: dict[str, Any], obj: dict[str, Any]) -> dict[str, Any]:
+    """A validated row from a ``corpus-queries`` reply (``obj`` already parsed): the query, its
+    passage as the positive, no negatives (``data build`` mines them); raises :class:`Rejected`."""
+    ph = spec["placeholders"]
+    q = obj.get("query")
+    if "query" not in obj:
+        raise Rejected("missing_key", "query")
+    if not isinstance(q, str):
+        raise Rejected("not_a_string", "query")
+    q = " ".join(q.split())
+    n = len(q.split())
+    if not q:
+        raise Rejected("empty_value", "query")
+    if not ph["min_words"] <= n <= ph["max_words"]:
+        raise Rejected("query_length", f"{n} words, outside {ph['min_words']}-{ph['max_words']}")
+    if q.lower() in ph["passage"].lower() and n >= 8:
+        raise Rejected("copied_from_passage", "the query is a span of the passage")
+    return {
+        "id": f"{ph['corpus']}/{ph['doc_id']}",
+        "instruction": spec["instruction"],
+        "query": q,
+        "positive": ph["passage"],
+        "negatives": [],
+        "task_type": "corpus-queries",
+        "source": f"corpus-queries:{ph['corpus']}",
+        "language": spec.get("language", "en"),
+        "symmetric": False,
     }
