@@ -336,7 +336,8 @@ class IndexBuild:
         if self.dense:
             self.spec = self.spec.resolve(next_id, self.dim)
         plan = {"key": key, "ntotal": next_id, "shards": shards, "stats": stats,
-                "spec_resolved": self.spec.to_dict() if self.dense else None, "trained": None, "parts": {}}
+                "spec_resolved": self.spec.to_dict() if self.dense else None, "trained": None, "parts": {},
+                "floats": self.dense and self.spec.keeps_floats}
         atomic_write_json(self.root / PLAN, plan)
         logger.info("Planned %d shards for %d documents in %s", len(shards), next_id, self.root)
         return plan
@@ -345,6 +346,12 @@ class IndexBuild:
     def index_dim(self) -> int:
         """The stored dimension: ``spec.dims`` when set, else the embedder's."""
         return self.spec.index_dim(self.dim)
+
+    @property
+    def keeps_floats(self) -> bool:
+        """Whether shards keep their float32 vectors: decided when the plan is written (a plan from
+        before rescoring existed keeps none, so resuming it writes shards like its first ones)."""
+        return bool(self.plan.get("floats"))
 
     @property
     def center(self) -> np.ndarray | None:
@@ -412,7 +419,7 @@ class IndexBuild:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return False
         same = all(rec.get(k) == shard[k] for k in ("file", "rows", "id_start", "id_end"))
-        floats = not self.spec.keeps_floats or is_valid(self.root, rec.get("vectors"))
+        floats = not self.keeps_floats or is_valid(self.root, rec.get("vectors"))
         return (same and floats and rec.get("docs", {}).get("sha256") == shard["docs"]["sha256"]
                 and is_valid(self.root, rec))
 
@@ -462,7 +469,7 @@ class IndexBuild:
         _write_faiss(index, path)
         side = {k: shard[k] for k in ("file", "rows", "id_start", "id_end", "docs")}
         side.update(file_record(self.root, path))
-        if self.spec.keeps_floats:
+        if self.keeps_floats:
             fpath = self.root / floats_name(shard["file"])
             write_floats(vectors, fpath)
             side["vectors"] = file_record(self.root, fpath)

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 METRIC = "inner_product"
 #: Storages whose shards can keep their float32 vectors for rescoring (``rescore_k``).
 RESCORED_STORAGES = ("sq8", "binary")
+#: IndexSpec fields left out of its dict at their default (None): plans keyed on older specs still match.
+OPTIONAL_FIELDS = ("rescore_k", "dims")
 
 
 @dataclass
@@ -52,7 +54,13 @@ class IndexSpec:
         return cls(**{k: getattr(index_cfg, k) for k in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; ``rescore_k`` and ``dims`` only when set, so the plans and
+        manifests of indexes built without them read (and resume) as before."""
+        d = asdict(self)
+        for key in OPTIONAL_FIELDS:
+            if d[key] is None:
+                del d[key]
+        return d
 
     @property
     def trained(self) -> bool:

@@ -277,7 +277,7 @@ class ShardActor:
     def __init__(self, name_or_path: str, load_kwargs: dict[str, Any], *, output: str, mapping: dict[str, Any],
                  parts: list[str], spec: dict[str, Any], dim: int, trained: dict[str, Any] | None,
                  batch_size: int = 64, max_length: int | None = None, instruction: str | None = None,
-                 num_threads: int | None = None, center: list[float] | None = None):
+                 num_threads: int | None = None, center: list[float] | None = None, floats: bool = False):
         import ray
         import torch
 
@@ -296,6 +296,7 @@ class ShardActor:
         self.spec = IndexSpec(**spec)
         self.dim = dim
         self.center = center_of(center)
+        self.floats = floats  # write the float32 copy of each shard (sq8/binary with rescoring)
         self.trained = trained
         self._empty = None
         self.batch_size = batch_size
@@ -392,7 +393,7 @@ class ShardActor:
             side: dict[str, Any] = {k: shard[k] for k in ("index", "file", "rows", "id_start", "id_end")}
             side.update(_file_record(root, root / shard["file"]))
             side["docs"] = _file_record(root, root / _docs_name(i))
-            if self.spec.keeps_floats:
+            if self.floats:
                 fname = str(PurePosixPath(shard["file"]).with_suffix(".npy"))
                 write_floats_verified(vectors, root / fname)
                 side["vectors"] = _file_record(root, root / fname)
@@ -611,8 +612,9 @@ def build_index(cfg: Any) -> Path | str:
         stats = {"read": sum(c["read"] for c in counts), "empty": sum(c["empty"] for c in counts)}
         if stats["empty"]:
             logger.warning("Skipped %d empty documents of %d read", stats["empty"], stats["read"])
+        resolved = spec.resolve(ntotal, dim)
         plan = {"key": key, "ntotal": ntotal, "shards": shards, "stats": stats, "counts": counts,
-                "spec_resolved": spec.resolve(ntotal, dim).to_dict(), "trained": None}
+                "spec_resolved": resolved.to_dict(), "trained": None, "floats": resolved.keeps_floats}
         out.write_json(PLAN, plan)
         logger.info("Planned %d shards for %d documents from %d file(s) in %.1fs", len(shards), ntotal, len(files),
                     time.perf_counter() - t)
@@ -625,7 +627,7 @@ def build_index(cfg: Any) -> Path | str:
         mapping=mapping_d, parts=[p for p in parts if p in ("sparse", "multivector")], spec=spec.to_dict(),
         dim=dim, trained=plan.get("trained"), batch_size=enc.batch_size, max_length=enc.max_length,
         instruction=icfg.doc_instruction, num_threads=max(1, int(round(enc.num_cpus_per_actor))),
-        center=plan.get("center"),
+        center=plan.get("center"), floats=bool(plan.get("floats")),
     )
     # 3. train the quantizer on a sample the workers encode
     if spec.trained and not _valid_remote(out, plan.get("trained")):
@@ -635,7 +637,7 @@ def build_index(cfg: Any) -> Path | str:
         out.write_json(PLAN, plan)
 
     # 4. shards: the workers write them; the driver gets their sidecars
-    done, pending = _done_shards(out, plan, parts, traffic, floats=spec.keeps_floats)
+    done, pending = _done_shards(out, plan, parts, traffic, floats=bool(plan.get("floats")))
     pending_rows = sum(s["rows"] for s in pending)
     logger.info("Index %s: %d shards done, %d to build (%d documents) with %d-%d actors (%s)", out.uri, len(done),
                 len(pending), pending_rows, enc.min_actors, enc.max_actors, remote)
