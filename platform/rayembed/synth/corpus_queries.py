@@ -133,6 +133,8 @@ def _chain(first, rest):
 
 
 def query_prompt(passage: str, min_words: int, max_words: int) -> str:
+    """No worked example: SmolLM2-135M answers every passage with the example's query instead
+    (23 of 24 in a trial, each caught by the round-trip filter)."""
     return (
         "You are writing one search query for a retrieval training set.\n\n"
         f"Passage:\n{passage}\n\n"
