@@ -57,6 +57,9 @@ from rayembed.index.manifest import (
 
 logger = logging.getLogger(__name__)
 
+#: Candidate vectors gathered at a time when re-scoring (bounds the memory of large query batches).
+RESCORE_BLOCK = 16384
+
 
 class DocStore:
     """The Parquet id map of an index: documents by global id, one part per shard, read on demand."""
@@ -306,8 +309,8 @@ class ShardedIndex:
 
         ``query_vectors``: (n, :attr:`dim`), or already cut to (n, :attr:`index_dim`) (see
         :meth:`prepare_queries`). ``rescore_k`` (sq8 and binary indexes with float vectors):
-        search that many candidates per shard (at least ``k``) and re-score them with exact float32
-        inner products; 0 returns the compact scores (SQ8 inner products, or ``index_dim - 2 *
+        search that many candidates per shard (at least ``k``; IVF shards whose lists are stacked
+        into one view give that many in all) and re-score them with exact float32 inner products; 0 returns the compact scores (SQ8 inner products, or ``index_dim - 2 *
         hamming`` for binary: the inner product of the ±1 sign vectors). None: the index's
         ``rescore_k``, whose default is ``4 * k`` where float vectors are kept.
         """
@@ -389,17 +392,22 @@ class ShardedIndex:
 
     def _rescore(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact inner products (n, c) float32 of ``q`` (n, d) with the float vectors of the candidate
-        global ``ids`` (n, c); -inf where the id is -1. Each shard's memory map is read once, in id
-        order, for the distinct candidates it holds."""
+        global ``ids`` (n, c); -inf where the id is -1. Per block of queries, each shard's memory map
+        is read once, in id order, for the distinct candidates it holds (blocks bound the memory:
+        about RESCORE_BLOCK candidate vectors at a time)."""
         exact = np.full(ids.shape, -np.inf, np.float32)
-        valid = ids >= 0
-        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
-        for si in np.unique(shard_of[valid]).tolist():
-            at = valid & (shard_of == si)
-            uniq, inv = np.unique(ids[at], return_inverse=True)
-            vecs = np.asarray(self._floats[si][uniq - self._starts[si]], dtype=np.float32)  # (u, d)
-            rows = np.nonzero(at)[0]
-            exact[at] = np.einsum("ij,ij->i", vecs[inv], q[rows])
+        step = max(1, RESCORE_BLOCK // max(ids.shape[1], 1))
+        for r0 in range(0, len(ids), step):
+            blk = ids[r0 : r0 + step]
+            valid = blk >= 0
+            shard_of = np.searchsorted(self._starts, blk, side="right") - 1
+            out = exact[r0 : r0 + step]
+            for si in np.unique(shard_of[valid]).tolist():
+                at = valid & (shard_of == si)
+                uniq, inv = np.unique(blk[at], return_inverse=True)
+                vecs = np.asarray(self._floats[si][uniq - self._starts[si]], dtype=np.float32)  # (u, d)
+                rows = np.nonzero(at)[0] + r0
+                out[at] = np.einsum("ij,ij->i", vecs[inv], q[rows])
         return exact
 
     def field_index(self):
