@@ -193,8 +193,8 @@ def prebuilt_index(retriever: DenseRetriever, data: RetrievalData, parts: Sequen
         have = {name: rec.get("settings") for name, rec in (m.get("parts") or {}).items()}
         id_of = [d["doc_id"] if d else "" for d in index.get_documents(np.arange(index.ntotal))]
         wanted = {d for d, t in zip(data.doc_ids(), data.doc_texts()) if t.strip()}
-        if m.get("factory") != "Flat" or index.dim != retriever.embedder.dim:
-            why = (f"it is a {m.get('factory')} index of {index.dim}-d vectors, and evaluation searches the "
+        if m.get("factory") != "Flat" or index.index_dim != retriever.embedder.dim:
+            why = (f"it is a {m.get('factory')} index of {index.index_dim}-d vectors, and evaluation searches the "
                    f"embedder's {retriever.embedder.dim}-d vectors exactly (Flat, float32)")
         elif set(id_of) != wanted or len(id_of) != len(wanted):
             why = (f"it holds {len(id_of)} documents and the dataset {len(wanted)} non-empty ones "
