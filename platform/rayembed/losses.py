@@ -14,11 +14,17 @@ Example::
     q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)       # (B, D) queries
     d = torch.nn.functional.normalize(torch.randn(8, 8), dim=-1)       # (B*(1+1), D): 4 pos, 4 neg
     loss = info_nce(q, d, tau=0.02)
+
+Matryoshka Representation Learning (Kusupati et al., 2022) trains nested vectors: the same
+InfoNCE on the first ``k`` coordinates of each vector, re-normalised, for each ``k`` in a list,
+plus the full vector, weighted and summed (sentence-transformers' ``MatryoshkaLoss``)::
+
+    loss, parts = matryoshka_info_nce(q, d, [2, 4], tau=0.02)      # parts: {2: .., 4: .., 8: ..}
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -84,6 +90,63 @@ def info_nce(
     scores = q @ d.T / tau  # (B, M_total)
     labels = torch.arange(q.shape[0], device=q.device) + offset  # (B,)
     return F.cross_entropy(scores.float(), labels, reduction=reduction)
+
+
+def truncate_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The first ``dim`` coordinates of each row, L2-normalised again: (n, D) -> (n, dim)."""
+    return F.normalize(x[:, :dim], p=2, dim=-1)
+
+
+def matryoshka_info_nce(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    dims: Sequence[int],
+    *,
+    weights: Sequence[float] | None = None,
+    tau: float = 0.02,
+    gather: bool | GatherFn | None = None,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """InfoNCE on nested prefixes of the vectors: ``sum_k w_k * InfoNCE(q[:, :k], d[:, :k])``.
+
+    Each prefix is L2-normalised again before scoring; the full vectors (``D = q.shape[1]``)
+    are always the last term and are scored as given (the embedder normalises them already).
+    The documents are gathered across workers once and sliced for every size.
+
+    Args:
+        q, d, tau, gather: as :func:`info_nce`.
+        dims: the truncated sizes, strictly increasing, each in ``1 .. D-1``.
+        weights: one per entry of ``dims`` and one more for the full vectors; None: all 1.
+    Returns:
+        ``(loss, parts)``: the weighted sum and each size's (unweighted) InfoNCE, keyed by size.
+    """
+    dims = [int(k) for k in dims]
+    full = q.shape[1]
+    if any(k < 1 or k >= full for k in dims) or any(b <= a for a, b in zip(dims, dims[1:])):
+        raise ValueError(
+            f"matryoshka dims must be strictly increasing and between 1 and {full - 1} (the full size {full} "
+            f"is always trained); got {dims}."
+        )
+    sizes = [*dims, full]
+    w = [1.0] * len(sizes) if weights is None else [float(x) for x in weights]
+    if len(w) != len(sizes):
+        raise ValueError(
+            f"matryoshka weights: need {len(sizes)} (one per dim in {dims}, then one for the full size {full}), "
+            f"got {len(w)}."
+        )
+    offset = 0
+    if gather is True:
+        d, offset = gather_documents(d)
+    elif callable(gather):
+        d, offset = gather(d)
+    parts: dict[int, torch.Tensor] = {}
+    total: torch.Tensor | None = None
+    for k, wk in zip(sizes, w):
+        qk, dk = (q, d) if k == full else (truncate_normalize(q, k), truncate_normalize(d, k))
+        parts[k] = info_nce(qk, dk, tau=tau, gather=lambda docs: (docs, offset))
+        term = wk * parts[k]  # a 0 weight still keeps the term in the graph
+        total = term if total is None else total + term
+    assert total is not None
+    return total, parts
 
 
 def multi_head_info_nce(

@@ -50,6 +50,14 @@ def test_deepspeed_json_follows_config():
         (["train.eval_every=10"], r"train.eval_dataset is empty"),
         (["train.mode=mntp", "train.chunk_size=2", "train.batch_size=8"], r"chunk_size \(GradCache\) applies to contrastive"),
         (["train.temperature=0"], r"train.temperature must be positive"),
+        (["train.matryoshka_dims=[0,64]"], r"train.matryoshka_dims must hold positive sizes"),
+        (["train.matryoshka_dims=[128,64]"], r"strictly increasing without repeats, got \[128, 64\]; write them as \[64, 128\]"),
+        (["train.matryoshka_dims=[64,64]"], r"strictly increasing without repeats"),
+        (["train.matryoshka_dims=64"], r"train.matryoshka_dims: expected a list"),
+        (["train.matryoshka_weights=[1,1]"], r"train.matryoshka_weights is set but train.matryoshka_dims is empty"),
+        (["train.matryoshka_dims=[64]", "train.matryoshka_weights=[1]"], r"needs 2 numbers, one per size .* full dimension last"),
+        (["train.matryoshka_dims=[64]", "train.matryoshka_weights=[1,-1]"], r"matryoshka_weights must be >= 0"),
+        (["train.matryoshka_dims=[64]", "train.mode=mntp"], r"train.mode=mntp makes no embeddings to nest"),
     ],
 )
 def test_bad_train_config_is_refused(overrides, match):

@@ -158,6 +158,20 @@ class TrainConfig:
     )
     self_distill_weight: float = option(1.0, "Weight of the self-distillation terms beside the InfoNCE terms.")
 
+    matryoshka_dims: list[int] = option(
+        help="Matryoshka training: also apply the contrastive InfoNCE to the first d coordinates of every "
+        "vector, re-normalised, for each d listed (strictly increasing, below the model's dimension; the "
+        "full dimension is always trained), e.g. [64, 128, 256]. The losses are summed (weighted by "
+        "matryoshka_weights). The exported embedder_config.json records the sizes, and /v1/embeddings "
+        "serves them as `dimensions`. Empty: full vectors only.",
+        factory=list,
+    )
+    matryoshka_weights: list[float] = option(
+        help="Weights of the Matryoshka terms: one per entry of matryoshka_dims, then one for the full "
+        "dimension (so len(matryoshka_dims) + 1 numbers). Empty: 1 each.",
+        factory=list,
+    )
+
     deepspeed: DeepSpeedConfig = option(help="DeepSpeed (ZeRO) settings.", factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
@@ -216,6 +230,39 @@ class TrainConfig:
             raise ConfigError(f"train.self_distill_weight must be >= 0, got {self.self_distill_weight}.")
         if self.mode == "mntp" and self.chunk_size:
             raise ConfigError("train.chunk_size (GradCache) applies to contrastive modes; set it to 0 for mntp.")
+        self._check_matryoshka()
+
+    def _check_matryoshka(self) -> None:
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if weights and not dims:
+            raise ConfigError(
+                "train.matryoshka_weights is set but train.matryoshka_dims is empty; list the sizes to train, "
+                "e.g. train.matryoshka_dims=[64,128,256], or drop the weights."
+            )
+        if not dims:
+            return
+        if self.mode not in ("contrastive", "simcse"):
+            raise ConfigError(
+                f"train.matryoshka_dims trains nested embedding vectors; train.mode={self.mode} makes no "
+                "embeddings to nest. Use mode contrastive or simcse, or set train.matryoshka_dims=[]."
+            )
+        if any(isinstance(k, bool) or k < 1 for k in dims):
+            raise ConfigError(f"train.matryoshka_dims must hold positive sizes, got {dims}; e.g. [64, 128, 256].")
+        if any(b <= a for a, b in zip(dims, dims[1:])):
+            raise ConfigError(
+                f"train.matryoshka_dims must be strictly increasing without repeats, got {dims}; "
+                f"write them as {sorted(set(dims))}."
+            )
+        if weights:
+            if len(weights) != len(dims) + 1:
+                raise ConfigError(
+                    f"train.matryoshka_weights needs {len(dims) + 1} numbers, one per size in "
+                    f"train.matryoshka_dims={dims} and one for the full dimension last; got {len(weights)}."
+                )
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ConfigError(
+                    f"train.matryoshka_weights must be >= 0 with at least one positive, got {weights}."
+                )
 
     def resolved_engine(self) -> str:
         """The engine actually used: auto picks deepspeed on GPU, ddp on CPU."""

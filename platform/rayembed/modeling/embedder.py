@@ -9,7 +9,8 @@ device, dtype, backbone loading, LoRA and the atomic folder write in
 A saved embedder is a folder::
 
     embedder_config.json      pooling, normalisation, max length, query template, attention
-                              mode, padding side, EOS handling, base model identity
+                              mode, padding side, EOS handling, base model identity, and the
+                              Matryoshka sizes it was trained for (matryoshka_dims), if any
     model.safetensors + config.json          (weights: full)
     adapter_model.safetensors + adapter_config.json   (weights: lora; base_model names the base)
     heads.safetensors         optional BGE-M3-style heads (embedder_config.json: sparse,
@@ -82,6 +83,19 @@ def identity_files(folder: Path) -> list[Path]:
     )
 
 
+def check_matryoshka_dims(dims: Sequence[int] | None, dim: int, where: str = CONFIG_NAME) -> None:
+    """Matryoshka sizes must be strictly increasing and below the full ``dim``."""
+    if not dims:
+        return
+    sizes = list(dims)
+    if (any(not isinstance(k, int) or isinstance(k, bool) or not 0 < k < dim for k in sizes)
+            or any(b <= a for a, b in zip(sizes, sizes[1:]))):
+        raise ValueError(
+            f"{where}: matryoshka_dims={sizes} must be strictly increasing sizes between 1 and {dim - 1} "
+            f"(the model makes {dim}-d vectors; the full size is always trained). Fix or remove the entry."
+        )
+
+
 @dataclass
 class EmbedderConfig:
     """What ``embedder_config.json`` holds: everything needed to embed exactly as in training."""
@@ -101,6 +115,9 @@ class EmbedderConfig:
     sparse: bool = False  # sparse lexical head (heads.safetensors)
     multivector: bool = False  # multi-vector (ColBERT) head (heads.safetensors)
     multivector_dim: int | None = None  # None: hidden size
+    # Matryoshka: the truncated sizes it was trained for (train.matryoshka_dims), increasing and
+    # below dim; a prefix of that length, re-normalised, is a usable vector. None: full size only.
+    matryoshka_dims: list[int] | None = None
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -124,6 +141,7 @@ class Embedder(HeadsMixin, torch.nn.Module):
         self.text = TextTokenizer(tokenizer, config)  # template, EOS and padding rules
         if config.dim is None:
             config.dim = int(self._hidden_size())
+        check_matryoshka_dims(config.matryoshka_dims, int(config.dim))
         self.sparse_head: SparseHead | None = None
         self.multivector_head: MultiVectorHead | None = None
         self._build_heads()

@@ -7,6 +7,8 @@ step's loss and backward from a stream batch, and exports the result as a saved 
   positives, hard negatives and, through the gather, every worker's documents. With
   ``model.heads`` (BGE-M3), the sparse and multi-vector heads get their own InfoNCE terms,
   weighted by ``train.heads_loss_weights``, plus optional self-distillation.
+  With ``train.matryoshka_dims``, the dense InfoNCE is also taken on each listed prefix of the
+  vectors, re-normalised (Matryoshka), and the export records those sizes.
 - :class:`SimCSETask` (``simcse``, LLM2Vec step 3): each document goes through twice with
   dropout; the two views are each other's positives, the rest of the global batch negatives.
 - :class:`MNTPTask` (``mntp``, LLM2Vec step 2): bidirectional attention, a fraction of tokens
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from rayembed.losses import info_nce
+from rayembed.losses import info_nce, matryoshka_info_nce
 from rayembed.modeling.loading import enable_checkpointing, pretrained_kwargs
 from rayembed.train.gradcache import gradcache_step
 
@@ -100,6 +102,10 @@ class ContrastiveTask:
             enable_checkpointing(self.embedder.model)
         self.heads = self.embedder.has_heads
         _check_heads_options(tc, self.heads)
+        self.matryoshka_dims = _check_matryoshka(tc, self.embedder.dim)
+        # The folder records the sizes this stage trained (none: an earlier stage's no longer hold).
+        self.embedder.config.matryoshka_dims = self.matryoshka_dims or None
+        self._parts: dict[str, float] = {}  # the last step's per-size losses (Matryoshka)
         self.embedder.train()
         self.model = MultiEncoder(self.embedder, all_outputs=self.heads)
 
@@ -110,6 +116,13 @@ class ContrastiveTask:
         ]
 
     def _loss(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        if self.matryoshka_dims:
+            loss, parts = matryoshka_info_nce(
+                q, d, self.matryoshka_dims, weights=self.train.matryoshka_weights or None,
+                tau=self.train.temperature, gather=True,
+            )
+            self._parts = {f"loss_dim{k}": float(v.detach()) for k, v in parts.items()}
+            return loss
         return info_nce(q, d, tau=self.train.temperature, gather=True)
 
     def _heads_loss(
@@ -169,7 +182,9 @@ class ContrastiveTask:
                 loss = self._loss(q, d)
                 engine.backward(loss)
         docs = groups[1][0].shape[0]
-        return {"loss": float(loss.detach()), "local_docs": docs}
+        out = {"loss": float(loss.detach()), "local_docs": docs}
+        out.update(self._parts)  # Matryoshka: each size's InfoNCE
+        return out
 
     def export(self, path: Path, merge_lora: bool = False) -> Path:
         was_training = self.embedder.training
@@ -187,11 +202,31 @@ def _check_heads_options(tc: Any, heads: bool) -> None:
             "train.chunk_size (GradCache) does not support model.heads (sparse / multi-vector token "
             "outputs are not cached); set train.chunk_size=0, or train without heads."
         )
+    if heads and tc.matryoshka_dims:
+        raise ConfigError(
+            "train.matryoshka_dims nests the dense vectors of a model without heads; with model.heads "
+            "(sparse / multi-vector) it is not supported. Set train.matryoshka_dims=[], or train without heads."
+        )
     if tc.self_distill and not heads:
         raise ConfigError(
             "train.self_distill distils the ensemble of several heads into each; it needs "
             "model.heads.sparse=true and/or model.heads.multivector=true (or set train.self_distill=false)."
         )
+
+
+def _check_matryoshka(tc: Any, dim: int) -> list[int]:
+    from rayembed.config.base import ConfigError
+
+    dims = [int(k) for k in tc.matryoshka_dims]
+    if not dims:
+        return []
+    too_big = [k for k in dims if k >= dim]
+    if too_big:
+        raise ConfigError(
+            f"train.matryoshka_dims={dims}: {too_big} not below the model's dimension {dim} (the full {dim} "
+            f"is always trained); keep sizes under {dim}, e.g. {[k for k in dims if k < dim] or [dim // 4]}."
+        )
+    return dims
 
 
 class SimCSETask(ContrastiveTask):

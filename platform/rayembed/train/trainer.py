@@ -103,6 +103,33 @@ def check_config(cfg: RayembedConfig) -> None:
         )
     if tc.fail_at_step and tc.max_failures == 0:
         raise ConfigError("train.fail_at_step needs train.max_failures >= 1 to recover.")
+    dim = _known_model_dim(str(cfg.model.name_or_path))
+    too_big = [k for k in tc.matryoshka_dims if dim is not None and k >= dim]
+    if too_big:
+        raise ConfigError(
+            f"train.matryoshka_dims={tc.matryoshka_dims}: {too_big} not below the dimension of "
+            f"model.name_or_path ({dim}); the full {dim} is always trained, so list only smaller sizes."
+        )
+
+
+def _known_model_dim(name: str) -> int | None:
+    """The embedding size of a tiny name or a local folder (saved embedder or HF), read without
+    loading weights; None where it is not known before the model loads (hub ids, GGUF files)."""
+    from rayembed.modeling import backbones
+
+    if name in backbones.TINY_NAMES:
+        return int(backbones.tiny_config(name, vocab_size=8).hidden_size)
+    for file, keys in (("embedder_config.json", ("dim",)), ("config.json", ("hidden_size", "d_model"))):
+        path = Path(name) / file
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+            for key in keys:
+                if isinstance(data.get(key), int):
+                    return int(data[key])
+    return None
 
 
 def resolve_train_paths(cfg: RayembedConfig, train_paths: Sequence[str | Path] | None, *,
