@@ -300,11 +300,11 @@ def bench_sharding(x: np.ndarray, q: np.ndarray, work: Path, k: int = 10, *, sin
                    ) -> dict:
     """8 shards against 1 index of the same random vectors, at equal recall@10 (goal: cost <= 1.3x).
 
-    Flat and IVF are compared at the same setting (IVF shards share one quantizer, and their lists
-    are searched stacked: the same results). HNSW shards each search a graph of their own, and 8
-    graphs at one ``ef_search`` find more than one graph does: the 8 shards are compared at the
-    smallest ``ef_search`` of a sweep whose recall@10 reaches the single index's (and, for
-    reference, at the same ``ef_search``).
+    Flat and IVF are compared at the same setting (IVF shards share one quantizer: each query is
+    assigned to its lists once and every shard scans its own, the same results). HNSW shards each
+    search a graph of their own, and 8 graphs at one ``ef_search`` find more than one graph does:
+    the 8 shards are compared at the smallest ``ef_search`` of a sweep whose recall@10 reaches the
+    single index's (and, for reference, at the same ``ef_search``).
     """
     truth, bf_qps = brute(x, q, k)
     res: dict = {"n": len(x), "dim": x.shape[1], "queries": len(q), "brute_force_qps": bf_qps, "rounds": ROUNDS,

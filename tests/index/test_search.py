@@ -72,6 +72,33 @@ def test_four_shards_match_one_index_and_merge(vectors, tmp_path, index_type):
         np.testing.assert_array_equal(im, i1)
 
 
+@pytest.mark.parametrize("index_type,storage", [("ivf_flat", "fp32"), ("ivf_flat", "sq8"), ("ivf_pq", "fp32")])
+def test_sharded_ivf_equals_one_ivf_index_with_the_same_quantizer(vectors, tmp_path, index_type, storage):
+    import faiss
+
+    from rayembed.index.faiss_util import bitmap_selector, selector_params
+
+    x, q = vectors
+    opts = {"nlist": 16, "storage": storage, "rescore_k": 0} if index_type == "ivf_flat" else \
+        {"nlist": 16, "pq_m": 8, "pq_nbits": 4}
+    four = ShardedIndex.open(build_index_from_vectors(x, tmp_path / "four", index_type=index_type, num_shards=4,
+                                                      **opts))
+    assert four._ivfs is not None  # one trained quantizer: one coarse assignment for every shard
+    one = four.merged()  # every list under that quantizer in one IVF index
+    allowed = np.random.default_rng(5).random(len(x)) < 0.3
+    sel, _bitmap = bitmap_selector(allowed)
+    for nprobe in (1, 4):  # partial probes: the cells scanned must be the one index's
+        want_s, want_i = one.search(q, 10, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        got_s, got_i = four.search(q, 10, nprobe=nprobe)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+        want_s, want_i = one.search(q, 10, params=selector_params(one, sel, nprobe=nprobe))
+        got_s, got_i = four.search(q, 10, nprobe=nprobe, allowed=allowed)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+        assert allowed[got_i[got_i >= 0]].all()
+
+
 def test_global_ids_and_documents(vectors, tmp_path):
     x, q = vectors
     docs = [{"id": f"d{i}", "text": f"text {i}", "title": f"t{i}", "lang": "en"} for i in range(len(x))]

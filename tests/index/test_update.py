@@ -101,7 +101,7 @@ def test_ivf_deltas_use_the_base_quantizer(tmp_path):
                            encode=lambda texts: np.stack([by_text[t] for t in texts]))
     assert summary["replaced"] == 10 and summary["deleted"] == 50 and summary["live"] == 1200 - 50 + 20
     idx = ShardedIndex.open(tmp_path / "ivf")
-    assert idx._stacked is not None  # one quantizer for base and delta: the stacked-lists search applies
+    assert idx._ivfs is not None  # one quantizer for base and delta: the shared-assignment search applies
     base_q = faiss.extract_index_ivf(idx.shards[0]).quantizer.reconstruct_n(0, 16)
     delta_q = faiss.extract_index_ivf(idx.shards[-1]).quantizer.reconstruct_n(0, 16)
     np.testing.assert_array_equal(base_q, delta_q)

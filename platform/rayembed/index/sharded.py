@@ -126,11 +126,12 @@ class ShardedIndex:
         self._live_sel = bitmap_selector(live) if live is not None else None
         self._params = (None, None)
         self._pool = ThreadPoolExecutor(max_workers=min(len(shards), os.cpu_count() or 1)) if len(shards) > 1 else None
-        # IVF shards share one trained coarse quantizer, so their inverted lists can be stacked
-        # into one read-only view (faiss HStackInvertedLists): one search, exact same results.
-        self._stacked = None
+        # IVF shards share one trained coarse quantizer: each query is assigned to its nprobe lists
+        # once, then every shard scans only its own lists for them (search_preassigned), and the
+        # per-shard top-k are merged: the results of one index over all the lists, at about its cost.
+        self._ivfs = None
         if len(shards) > 1 and self.spec.index_type in ("ivf_flat", "ivf_pq") and not use_gpu and not self.binary:
-            self._stacked = self._stack_ivf(shards)
+            self._ivfs = self._shared_ivf(shards)
         # Few queries on big flat shards: faiss uses one thread per query, so search shards in parallel.
         self._scan_heavy = self.spec.index_type == "flat" and self.ntotal / max(len(shards), 1) >= 50_000
         self.set_search_params(nprobe=self.spec.nprobe, ef_search=self.spec.ef_search)
@@ -257,8 +258,12 @@ class ShardedIndex:
     def _apply(self, nprobe: int | None, ef_search: int | None) -> None:
         if (nprobe, ef_search) == self._params:
             return
-        for s in self._shards + ([self._stacked[-1]] if self._stacked else []):
+        for s in self._shards:
             set_search_params(s, nprobe=nprobe, ef_search=ef_search)
+        if self._ivfs is not None and nprobe is not None:
+            # FAISS probes at most nlist lists; the shared assignment is taken that wide.
+            for ivf in self._ivfs:
+                ivf.nprobe = max(1, min(int(nprobe), int(ivf.nlist)))
         self._params = (nprobe, ef_search)
 
     def prepare_queries(self, query_vectors: np.ndarray) -> np.ndarray:
@@ -309,10 +314,11 @@ class ShardedIndex:
 
         ``query_vectors``: (n, :attr:`dim`), or already cut to (n, :attr:`index_dim`) (see
         :meth:`prepare_queries`). ``rescore_k`` (sq8 and binary indexes with float vectors):
-        search that many candidates per shard (at least ``k``; IVF shards whose lists are stacked
-        into one view give that many in all) and re-score them with exact float32 inner products; 0 returns the compact scores (SQ8 inner products, or ``index_dim - 2 *
-        hamming`` for binary: the inner product of the ±1 sign vectors). None: the index's
-        ``rescore_k``, whose default is ``4 * k`` where float vectors are kept.
+        search that many candidates per shard (at least ``k``; IVF shards sharing one quantizer give
+        that many in all, as one index would) and re-score them with exact float32 inner products;
+        0 returns the compact scores (SQ8 inner products, or ``index_dim - 2 * hamming`` for binary:
+        the inner product of the ±1 sign vectors). None: the index's ``rescore_k``, whose default
+        is ``4 * k`` where float vectors are kept.
         """
         q = self.prepare_queries(query_vectors)  # (n, index_dim)
         if k < 1:
@@ -362,8 +368,8 @@ class ShardedIndex:
                     d = (self.index_dim - 2 * d.astype(np.int64)).astype(np.float32)
                 return d, i
 
-            if self._stacked is not None:
-                parts = [one(self._stacked[-1])]
+            if self._ivfs is not None:
+                parts = [self._search_ivf(x, depth, sel[0] if sel is not None else None)]
             elif self._pool is None or n >= 64 or not self._scan_heavy:
                 # Large batches: each shard already uses every core (OpenMP over queries).
                 # IVF/HNSW single queries: a shard takes microseconds, less than a thread hop.
@@ -423,25 +429,42 @@ class ShardedIndex:
         """``(ntotal,)`` bool of the ids matching the metadata filter ``flt`` (tombstones not applied)."""
         return self.field_index().mask(flt)
 
-    @staticmethod
-    def _stack_ivf(shards: list[Any]):
-        """One IVF index over every shard's inverted lists, or None when quantizers differ."""
+    def _search_ivf(self, x: np.ndarray, depth: int, sel) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``depth`` (scores, global ids) (n, depth) over IVF shards sharing one quantizer, as one
+        index over all their lists gives them: the coarse assignment of the queries ``x`` (n, d) is
+        computed once, each shard scans its own lists for it (with the IDSelector ``sel``, if any),
+        and the per-shard results are merged. Scores are sorted descending; id -1 past the last hit.
+        Call with the lock held: the shards' nprobe (at most nlist, see :meth:`_apply`) is used."""
         import faiss
 
-        ivfs = [faiss.extract_index_ivf(sh) for sh in shards]
+        ivfs = self._ivfs
+        n, nprobe = len(x), int(ivfs[0].nprobe)
+        coarse_d = np.empty((n, nprobe), np.float32)
+        coarse_i = np.empty((n, nprobe), np.int64)
+        ivfs[0].quantizer.search_c(n, faiss.swig_ptr(x), nprobe, faiss.swig_ptr(coarse_d), faiss.swig_ptr(coarse_i))
+        params = None if sel is None else faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        dist = np.empty((len(ivfs), n, depth), np.float32)
+        ids = np.empty((len(ivfs), n, depth), np.int64)
+        px, pd, pi = faiss.swig_ptr(x), faiss.swig_ptr(coarse_d), faiss.swig_ptr(coarse_i)
+        for j, ivf in enumerate(ivfs):
+            ivf.search_preassigned_c(n, px, depth, pi, pd, faiss.swig_ptr(dist[j]), faiss.swig_ptr(ids[j]), False,
+                                     params)
+        return faiss.merge_knn_results(dist, ids, keep_max=True)
+
+    @staticmethod
+    def _shared_ivf(shards: list[Any]) -> list[Any] | None:
+        """The IVF index of each shard (which stores global ids itself), or None when they are not
+        plain IVF indexes or their coarse quantizers differ (then each shard is searched alone)."""
+        import faiss
+
+        ivfs = [faiss.downcast_index(sh) for sh in shards]
+        if not all(isinstance(ivf, faiss.IndexIVF) for ivf in ivfs):
+            return None
         first = ivfs[0].quantizer.reconstruct_n(0, ivfs[0].nlist)  # (nlist, dim)
         for ivf in ivfs[1:]:
             if ivf.nlist != ivfs[0].nlist or not np.array_equal(ivf.quantizer.reconstruct_n(0, ivf.nlist), first):
                 return None
-        lists = faiss.InvertedListsPtrVector()
-        for ivf in ivfs:
-            lists.push_back(ivf.invlists)
-        stacked_lists = faiss.HStackInvertedLists(lists.size(), lists.data())
-        combined = faiss.clone_index(faiss.downcast_index(shards[0]))
-        combined.replace_invlists(stacked_lists, False)
-        combined.ntotal = sum(sh.ntotal for sh in shards)
-        # The view borrows the shards' lists: keep every piece referenced as long as the view.
-        return (lists, stacked_lists, combined)
+        return ivfs
 
     # ------------------------------------------------------------------ documents
 
