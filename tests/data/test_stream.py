@@ -88,6 +88,18 @@ def test_batch_layout_instruction_eos_and_filled_negatives(schema_shards, tiny_e
     assert all(b["d_attention_mask"][:, edge].all() for b in batches)
 
 
+def test_instructions_off_feeds_plain_queries(schema_shards, tiny_embedder_dir):
+    shards, rows = schema_shards(16, n_files=1)
+    spec = _spec(shards, tiny_embedder_dir, shuffle=False, instructions=False)
+    enc = load_text_encoder(str(tiny_embedder_dir))
+    by_id = {r["id"]: r for r in rows}
+    assert any(r["instruction"] for r in rows)
+    for b in iter_train_batches(LocalShard(spec), spec):
+        for i, rid in enumerate(b["id"]):
+            q = b["q_input_ids"][i][b["q_attention_mask"][i].bool()].tolist()
+            assert q == enc.tokenize_ids([by_id[rid]["query"]], max_length=64)[0]  # no instruction template
+
+
 def test_skip_batches_resumes_exactly(schema_shards, tiny_embedder_dir):
     shards, _ = schema_shards(80, n_files=2)
     spec = _spec(shards, tiny_embedder_dir)

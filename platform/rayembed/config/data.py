@@ -131,6 +131,9 @@ class StreamConfig:
     tokenize_batch_rows: int = option(256, "Rows per tokenisation task.")
     tokenize_num_cpus: float = option(0.5, "CPUs each tokenisation task reserves (fractional on small machines).")
     prefetch_batches: int = option(2, "Batches prefetched in each worker.")
+    instructions: bool = option(
+        True, "Put each row's instruction on its query (E5). False trains without instructions (an ablation)."
+    )
 
     def __post_init__(self) -> None:
         if self.num_negatives < 0:

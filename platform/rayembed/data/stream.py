@@ -98,6 +98,8 @@ class StreamSpec:
     prefetch_batches: int = 2
     # Earlier positives kept to fill missing negatives.
     fill_pool_size: int = 1024
+    # False: queries (and symmetric documents) go in without their instruction, the paper's ablation.
+    instructions: bool = True
     log_every_s: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -255,7 +257,7 @@ class TokenizeBatch:
         enc = self.enc
         cols = {c: batch.column(c).to_pylist() for c in READ_COLUMNS if c in batch.column_names}
         n = len(cols["id"])
-        instr = cols.get("instruction") or [""] * n
+        instr = (cols.get("instruction") if spec.get("instructions", True) else None) or [""] * n
         sym = cols.get("symmetric") or [False] * n
         negs_in = cols.get("negatives") or [[] for _ in range(n)]
 

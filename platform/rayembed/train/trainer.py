@@ -170,7 +170,7 @@ def stream_spec(cfg: RayembedConfig, paths: list[str]):
     negatives = tc.num_negatives if tc.num_negatives is not None else getattr(sc, "num_negatives", 1)
     extra = {}
     for key in ("homogeneous_batches", "shuffle_buffer_rows", "tokenize_batch_rows", "tokenize_num_cpus",
-                "prefetch_batches"):
+                "prefetch_batches", "instructions"):
         if sc is not None and hasattr(sc, key):
             extra[key] = getattr(sc, key)
     return StreamSpec(

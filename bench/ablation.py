@@ -1,0 +1,179 @@
+"""Ablation: what each ingredient of the recipe is worth, at one training budget.
+
+Every row trains the same model (SmolLM2-135M with LoRA, as `make demo`) for the same steps and
+batch on the same data minus one ingredient, then is evaluated by the same code on both
+collections:
+
+    all data                 STS-B pairs, weak crops of both corpora, the LLM-written rows of a synth
+                             run, its corpus-queries rows, negatives mined in `data build`,
+                             instructions on queries
+    without synthetic rows   drops every LLM-written row (the task rows and the corpus queries)
+    without corpus-queries   drops the corpus-queries rows only
+    without mined negatives  data.mine.in_build=false (rows keep only the negatives they came with)
+    without the instruction  data.stream.instructions=false, evaluated without instructions too
+
+    python bench/ablation.py --synth runs/demo/synth                     # whole collections
+    python bench/ablation.py --synth runs/demo/synth --steps 20 --max-docs 500 --max-queries 30
+
+``--synth`` is a `rayembed synth` output folder (default ``runs/demo/synth``, which `make demo`
+writes with corpus queries). Rows absent from it make their ablation row equal to "all data", and the
+table says so. Writes bench/out/ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAYEMBED_CACHE", str(REPO / ".cache" / "rayembed"))
+
+BASE_SOURCES = [
+    {"name": "stsb", "format": "stsb", "path": "stsb/sts-train.csv", "min_score": 4.0},
+    {"name": "weak-msmarco", "format": "weak", "path": "msmarco-subset", "weak_mode": "crops", "max_rows": 3000},
+    {"name": "weak-cranfield", "format": "weak", "path": "cranfield", "weak_mode": "both"},
+]
+
+VARIANTS = {
+    "all data": {},
+    "without synthetic rows": {"drop": ("synthetic", "corpus-queries")},
+    "without corpus-queries": {"drop": ("corpus-queries",)},
+    "without mined negatives": {"overrides": ["data.mine.in_build=false"]},
+    "without the instruction": {"overrides": ["data.stream.instructions=false"], "eval_instructions": "never"},
+}
+
+
+def split_synth(folder: Path, work: Path) -> dict[str, Path]:
+    """The synth run's rows as two schema files: LLM-written task rows and corpus queries."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    shards = sorted(folder.glob("part-*.parquet"))
+    if not shards:
+        raise SystemExit(f"{folder} holds no part-*.parquet shards; pass a `rayembed synth` output folder.")
+    table = pads.dataset([str(p) for p in shards], format="parquet").to_table()
+    is_cq = pc.equal(table.column("task_type"), "corpus-queries")
+    out = {}
+    for name, mask in (("synthetic", pc.invert(is_cq)), ("corpus-queries", is_cq)):
+        part = table.filter(mask)
+        if part.num_rows:
+            out[name] = work / f"{name}.parquet"
+            pq.write_table(part, out[name])
+    return out
+
+
+def train_variant(name: str, variant: dict, synth: dict[str, Path], args, work: Path) -> tuple[str, dict]:
+    from rayembed.config import load_config
+    from rayembed.data.mix import build_mix, read_manifest
+    from rayembed.runtime import init_ray
+    from rayembed.train import run_training
+
+    sources = list(BASE_SOURCES)
+    for kind, path in synth.items():
+        if kind not in variant.get("drop", ()):
+            sources.append({"name": kind, "format": "schema", "path": str(path)})
+    run_dir = work / name.replace(" ", "-")
+    cfg = load_config(None, [
+        f"run_dir={run_dir}", f"data.sources={json.dumps(sources)}", "data.val_fraction=0.0", f"seed={args.seed}",
+        f"model.name_or_path={args.model}", "model.max_length=256",
+        "model.lora={enabled: true, r: 16, alpha: 32, dropout: 0.05, target_modules: [all-linear], top_layers: 8}",
+        "train.num_workers=1", f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}",
+        f"train.lr={args.lr}", f"train.warmup_steps={max(1, args.steps // 10)}", "train.temperature=0.02",
+        "train.num_negatives=1", "train.query_max_length=48", "train.doc_max_length=96",
+        f"train.checkpoint_every={args.steps}", "train.log_every=10", "train.engine=ddp",
+        "train.cpus_per_worker=1", "compute.num_cpus=4", "compute.object_store_memory_mb=512",
+        f"compute.temp_dir={tempfile.mkdtemp(prefix='ab', dir='/tmp')}",
+        *variant.get("overrides", []),
+    ])
+    manifest = read_manifest(build_mix(cfg))
+    init_ray(cfg.compute)
+    t0 = time.perf_counter()
+    model_dir = run_training(cfg, [str(run_dir / "data")])
+    seconds = time.perf_counter() - t0
+    import ray
+
+    ray.shutdown()
+    mined = sum((s.get("mined") or {}).get("rows_mined", 0) for s in manifest["sources"].values())
+    return str(model_dir), {"rows": manifest["train"]["rows"], "by_source": manifest["train"]["by_source"],
+                            "rows_mined": mined, "train_s": round(seconds, 1)}
+
+
+def evaluate(model_dir: str, args, instructions: str) -> dict[str, float]:
+    from rayembed.config.eval import DatasetSpec
+    from rayembed.evaluate.runner import evaluate_models
+    from rayembed.runtime import resolve_data_dir
+
+    cut = {"max_docs": args.max_docs or None, "max_queries": args.max_queries or None}
+    specs = [DatasetSpec(name="msmarco-subset", path="msmarco-subset", format="beir", **cut),
+             DatasetSpec(name="cranfield", path="cranfield", format="smart", **cut)]
+    res = evaluate_models({"m": model_dir}, specs, data_dir=resolve_data_dir(), max_length=128, batch_size=32,
+                          top_k=100, plot=False, query_instructions=instructions)
+    return {ds: res["metrics"]["m"][ds]["ndcg@10"] for ds in ("msmarco-subset", "cranfield")}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synth", default="runs/demo/synth",
+                   help="a `rayembed synth` output folder (default: the demo's); absent, no synthetic rows")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-docs", type=int, default=0, help="slice each corpus (0: the whole collection)")
+    p.add_argument("--max-queries", type=int, default=0, help="first N judged queries (0: all)")
+    p.add_argument("--only", action="append", default=[], help="run only these rows (repeatable)")
+    p.add_argument("--work-dir", default=None)
+    args = p.parse_args()
+
+    from rayembed.runtime import setup_logging
+
+    setup_logging("INFO")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="ablation-"))
+    work.mkdir(parents=True, exist_ok=True)
+    synth = split_synth(Path(args.synth), work) if Path(args.synth).is_dir() else {}
+    if not synth:
+        print(f"{args.synth} is not a synth output folder: every row trains without synthetic data", flush=True)
+    results: dict = {"settings": vars(args), "synth_rows": {k: str(v) for k, v in synth.items()}, "rows": {}}
+    for name, variant in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
+        same = [k for k in variant.get("drop", ()) if k not in synth]
+        print(f"\n=== {name}", flush=True)
+        model_dir, info = train_variant(name, variant, synth, args, work)
+        info["ndcg@10"] = evaluate(model_dir, args, variant.get("eval_instructions", "auto"))
+        if same and len(same) == len(variant.get("drop", ())):
+            info["note"] = f"the synth run has no {', '.join(same)} rows: same data as 'all data'"
+        results["rows"][name] = info
+    sliced = "sliced: " + ", ".join(f"{k}={v}" for k, v in (("max_docs", args.max_docs),
+                                                                ("max_queries", args.max_queries)) if v)
+    print(f"\nAblation: {args.model}, LoRA, {args.steps} steps of {args.batch_size}, seed {args.seed}"
+          f"{' (' + sliced + ')' if args.max_docs or args.max_queries else ' (whole collections)'}\n")
+    base = results["rows"].get("all data", {}).get("ndcg@10")
+    print("| data | train rows | mined | train s | MS MARCO nDCG@10 | Cranfield nDCG@10 | Δ vs all (mean) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in results["rows"].items():
+        m, c = r["ndcg@10"]["msmarco-subset"], r["ndcg@10"]["cranfield"]
+        delta = "" if not base else f"{((m + c) - sum(base.values())) / 2 * 100:+.1f} pts"
+        print(f"| {name} | {r['rows']} | {r['rows_mined']} | {r['train_s']:.0f} | {m:.4f} | {c:.4f} | {delta} |"
+              + (f" {r['note']}" if r.get("note") else ""))
+    from rayembed.io import atomic_write_json
+
+    out = REPO / "bench" / "out" / "ablation.json"
+    atomic_write_json(out, results)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
