@@ -397,7 +397,7 @@ def make_task(cfg: Any, device: torch.device):
     if mode == "simcse":
         return SimCSETask(cfg, device)
     if mode == "rerank":
-        from rayembed.train.rerank_task import RerankTask
+        from rayembed.rerank.task import RerankTask
 
         return RerankTask(cfg, device)
     return ContrastiveTask(cfg, device)
