@@ -29,15 +29,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The served copy of the tiny embedder says it was trained for these Matryoshka sizes, so
+# /v1/embeddings accepts them as `dimensions` (its weights, and so its vectors, are the original's).
+SERVED_MATRYOSHKA_DIMS = [16, 32]
+
+
 @pytest.fixture(scope="module")
-def tiny_indexes(tiny_embedder_dir, tmp_path_factory) -> dict[str, Path]:
+def served_embedder_dir(tiny_embedder_dir, tmp_path_factory) -> Path:
+    """The session's tiny embedder, copied, with matryoshka_dims recorded in embedder_config.json."""
+    import json
+    import shutil
+
+    dst = tmp_path_factory.mktemp("served") / Path(tiny_embedder_dir).name  # same name: same model id
+    shutil.copytree(tiny_embedder_dir, dst)
+    cfg = dst / "embedder_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "matryoshka_dims": SERVED_MATRYOSHKA_DIMS}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_indexes(served_embedder_dir, tmp_path_factory) -> dict[str, Path]:
     """v1 and v2: same embedder, different corpora (so different versions and answers)."""
     from rayembed.index import build_index_in_process
 
     root = tmp_path_factory.mktemp("serve-idx")
     out = {}
     for name, docs in (("v1", tiny_docs(120, "a")), ("v2", tiny_docs(90, "b"))):
-        manifest = build_index_in_process(str(tiny_embedder_dir), docs, root / name, index_type="flat", num_shards=2)
+        manifest = build_index_in_process(str(served_embedder_dir), docs, root / name, index_type="flat", num_shards=2)
         out[name] = Path(manifest).parent
     return out
 

@@ -15,10 +15,11 @@ QUERIES = ["rivers and item 3", "how do compilers work", "bread passage 12"]
 
 
 @pytest.fixture(scope="module")
-def local_embedder(tiny_embedder_dir):
+def local_embedder(served_embedder_dir):
+    """The served embedder, in this process (the index update below checks it is the same one)."""
     from rayembed.modeling.embedder import Embedder
 
-    return Embedder.from_pretrained(str(tiny_embedder_dir))
+    return Embedder.from_pretrained(str(served_embedder_dir))
 
 
 def test_search_equals_library(http, tiny_indexes, local_embedder):
@@ -67,6 +68,57 @@ def test_openai_client_embeddings(endpoint, local_embedder):
         client.embeddings.create(model="text-embedding-3-small", input="x")
 
 
+def test_dimensions_are_the_truncated_renormalised_vectors(http, endpoint, local_embedder):
+    """The served folder records Matryoshka sizes 16 and 32 (conftest): those, and the full 64, are
+    served; another size is a 400 unless force_dimensions is set; out-of-range sizes never pass."""
+    import base64
+
+    import openai
+
+    texts = ["a passage about glaciers", "violins", "orbits of moons and item 4"]
+    full = local_embedder.encode(texts)  # (3, 64)
+    model = endpoint["model"]
+
+    def cut(k: int) -> np.ndarray:
+        return full[:, :k] / np.linalg.norm(full[:, :k], axis=1, keepdims=True)
+
+    assert http.get("/v1/models").json()["data"][0]["matryoshka_dims"] == [16, 32]
+    for k in (16, 32):
+        r = http.post("/v1/embeddings", json={"model": model, "input": texts, "dimensions": k})
+        assert r.status_code == 200, r.text
+        vecs = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+        assert vecs.shape == (3, k)
+        np.testing.assert_allclose(vecs, cut(k), atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    same = http.post("/v1/embeddings", json={"model": model, "input": texts, "dimensions": 64}).json()
+    np.testing.assert_allclose([d["embedding"] for d in same["data"]], full, atol=1e-5)
+
+    r = http.post("/v1/embeddings", json={"model": model, "input": texts, "dimensions": 24})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "dimensions" and err["code"] == "unsupported"
+    assert "[16, 32, 64]" in err["message"] and "force_dimensions=true" in err["message"]
+    forced = http.post("/v1/embeddings", json={"model": model, "input": texts, "dimensions": 24,
+                                               "force_dimensions": True, "encoding_format": "base64"})
+    assert forced.status_code == 200, forced.text
+    raw = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in forced.json()["data"]]
+    np.testing.assert_allclose(np.stack(raw), cut(24), atol=1e-5)
+
+    for bad in (0, -3, 65):  # forcing never makes these possible
+        r = http.post("/v1/embeddings", json={"model": model, "input": "a", "dimensions": bad, "force_dimensions": True})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "dimensions" and "between 1 and 64" in err["message"], err
+
+    client = openai.OpenAI(base_url=endpoint["url"] + "/v1", api_key=endpoint["key"], max_retries=0)
+    got = client.embeddings.create(model=model, input=texts, dimensions=32)  # base64 by default
+    np.testing.assert_allclose(np.array([d.embedding for d in got.data]), cut(32), atol=1e-5)
+    with pytest.raises(openai.BadRequestError, match="force_dimensions"):
+        client.embeddings.create(model=model, input=texts, dimensions=8)
+    got = client.embeddings.create(model=model, input=texts, dimensions=8, extra_body={"force_dimensions": True})
+    np.testing.assert_allclose(np.array([d.embedding for d in got.data]), cut(8), atol=1e-5)
+
+
 def test_openapi_schema(http):
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/search", "/v1/embeddings", "/v1/models", "/healthz"} <= set(paths)
@@ -96,7 +148,11 @@ BAD = [
     ("too many inputs", "/v1/embeddings", {"model": "@model", "input": ["a"] * 9}, 400, "input"),
     ("input too long", "/v1/embeddings", {"model": "@model", "input": ["a", "b" * 400]}, 400, "input[1]"),
     ("bad format", "/v1/embeddings", {"model": "@model", "input": "a", "encoding_format": "int8"}, 400, "encoding_format"),
-    ("wrong dimensions", "/v1/embeddings", {"model": "@model", "input": "a", "dimensions": 3}, 400, "dimensions"),
+    ("untrained dimensions", "/v1/embeddings", {"model": "@model", "input": "a", "dimensions": 3}, 400, "dimensions"),
+    ("dimensions above the model", "/v1/embeddings", {"model": "@model", "input": "a", "dimensions": 65}, 400,
+     "dimensions"),
+    ("force_dimensions not a bool", "/v1/embeddings",
+     {"model": "@model", "input": "a", "dimensions": 3, "force_dimensions": "yes"}, 400, "force_dimensions"),
 ]
 
 

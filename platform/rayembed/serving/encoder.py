@@ -294,6 +294,7 @@ class QueryEncoder:
     def info(self) -> dict[str, Any]:
         return {
             "dim": int(self.emb.dim),
+            "matryoshka_dims": list(self.emb.config.matryoshka_dims or []),
             "identity": self._identity,
             "embedder": self.embedder_path,
             "has_sparse": bool(getattr(self.emb, "has_sparse", False)),

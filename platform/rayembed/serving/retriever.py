@@ -33,6 +33,7 @@ from rayembed.serving.schemas import (
     RerankResponse,
     SearchRequest,
     SearchResponse,
+    check_dimensions,
     check_instruction,
     check_range,
     check_texts,
@@ -71,6 +72,15 @@ async def call(response, what: str):
         if name in ("BackPressureError", "DeploymentUnavailableError"):
             raise Unavailable(f"The {what} is at capacity; retry after a second.") from None
         raise
+
+
+def truncate_normalize(vecs, dim: int):
+    """The first ``dim`` coordinates of each row, L2-normalised again, float32: (n, D) -> (n, dim)."""
+    import numpy as np
+
+    cut = np.ascontiguousarray(vecs[:, :dim], dtype=np.float32)
+    norms = np.linalg.norm(cut, axis=1, keepdims=True)
+    return cut / np.maximum(norms, 1e-12)
 
 
 @serve.deployment(name=RETRIEVER_NAME)
@@ -223,11 +233,11 @@ class Retriever:
 
     @api.get("/v1/models", response_model=ModelList, summary="The served embedding model (OpenAI format).")
     async def models(self):
-        dim = self._encoder_info["dim"] if self._encoder_info else None
+        info = self._encoder_info or {}
         return {
             "object": "list",
             "data": [{"id": self.model_name, "object": "model", "created": self._created, "owned_by": "rayembed",
-                      "dim": dim}],
+                      "dim": info.get("dim"), "matryoshka_dims": info.get("matryoshka_dims")}],
         }
 
     @api.post("/search", response_model=SearchResponse, summary="Top-k documents for one query or a list.")
@@ -304,18 +314,17 @@ class Retriever:
             )
         texts = check_texts(req.input, "input", max_items=cfg.max_queries_per_request, max_chars=cfg.max_input_chars)
         check_instruction(req.instruction, "instruction", cfg.max_input_chars)
+        cut = None
         if req.dimensions is not None:
-            dim = (await self._info())["dim"]
-            if req.dimensions != dim:
-                raise InvalidRequest(
-                    "dimensions",
-                    f"dimensions={req.dimensions} is not supported: '{self.model_name}' makes {dim}-d vectors and "
-                    f"this endpoint does not shorten them. Omit dimensions (or send {dim}).",
-                    code="unsupported",
-                )
+            info = await self._info()
+            cut = check_dimensions(
+                req.dimensions, int(info["dim"]), info.get("matryoshka_dims"), req.force_dimensions, self.model_name
+            )
         vecs, tokens = await self._encoder_call(
             self.encoder.embed.remote(texts, req.instruction or None, text_params(req.input, "input"))
         )  # (n, D)
+        if cut is not None:
+            vecs = truncate_normalize(vecs, cut)  # (n, cut)
         if req.encoding_format == "base64":
             data = [
                 {"object": "embedding", "index": i, "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 
 class InvalidRequest(Exception):
@@ -149,7 +149,15 @@ class EmbeddingsRequest(BaseModel):
         "float", description="float: JSON numbers; base64: little-endian float32 bytes."
     )
     dimensions: StrictInt | None = Field(
-        None, description="Not supported yet (no shortened vectors): omit it, or send the model's own dimension."
+        None,
+        description="Shorter vectors: the first `dimensions` coordinates of each, L2-normalised again (as "
+        "OpenAI's text-embedding-3). Only sizes the model was trained for (its Matryoshka sizes, "
+        "train.matryoshka_dims, listed on GET /v1/models) and its full size, unless force_dimensions is true.",
+    )
+    force_dimensions: StrictBool = Field(
+        False,
+        description="Extension: truncate to a `dimensions` the model was not trained for anyway. Such "
+        "prefixes of a model trained without Matryoshka usually retrieve much worse.",
     )
     user: StrictStr | None = None
     instruction: StrictStr | None = Field(
@@ -181,6 +189,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "rayembed"
     dim: int | None = None
+    matryoshka_dims: list[int] | None = Field(
+        None, description="Shorter sizes the model was trained for: valid `dimensions` besides dim."
+    )
 
 
 class ModelList(BaseModel):
@@ -245,6 +256,38 @@ def check_instruction(value: str | None, param: str, max_chars: int) -> None:
         raise InvalidRequest(
             param, f"{param} is {len(value)} characters long; the limit is {max_chars}. Shorten it.", code="too_long"
         )
+
+
+def check_dimensions(
+    value: int | None, dim: int, trained: list[int] | None, force: bool, model: str
+) -> int | None:
+    """The size to cut vectors to for ``dimensions`` (None: the full vectors), or a 400 naming it.
+
+    ``dim`` is the model's full size and ``trained`` its Matryoshka sizes; any other size needs
+    ``force_dimensions``.
+    """
+    if value is None or value == dim:
+        return None
+    sizes = [*(trained or []), dim]
+    if not 1 <= value <= dim:
+        raise InvalidRequest(
+            "dimensions",
+            f"dimensions={value} is out of range; it must be between 1 and {dim}, the size of the vectors "
+            f"'{model}' makes (sizes it was trained for: {sizes}). Omit dimensions for the full vectors.",
+            code="out_of_range",
+        )
+    if value in sizes or force:
+        return value
+    if trained:
+        what = f"was trained for the sizes {sizes} (Matryoshka)"
+    else:
+        what = f"was trained for its full size {dim} only (no train.matryoshka_dims)"
+    raise InvalidRequest(
+        "dimensions",
+        f"dimensions={value} is not a size '{model}' {what}; a prefix of another length was never trained "
+        f"to stand alone. Send one of {sizes}, omit dimensions, or set force_dimensions=true to truncate anyway.",
+        code="unsupported",
+    )
 
 
 def check_range(value: int | None, param: str, low: int, high: int | None = None) -> None:
