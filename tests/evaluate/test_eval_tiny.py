@@ -173,3 +173,12 @@ def test_eval_searches_a_prebuilt_exact_index_instead_of_encoding_the_corpus(tin
         assert why in caplog.text
         assert r["metrics"]["m"]["tiny"]["ndcg@10"] == pytest.approx(expected, abs=1e-6)
     assert len(builds) == 2
+
+    # A hybrid row over the same model searches the prebuilt index too, when it holds a bm25 part.
+    both = tmp_path / "both"
+    build(str(tiny_embedder_dir), tiny_beir, both, format="beir", parts=["dense", "bm25"])
+    builds.clear()
+    r = evaluate_models({"m": str(tiny_embedder_dir)}, [spec], None, top_k=10, plot=False,
+                        hybrid=[{"name": "h", "methods": {"dense": 1, "bm25": 1}}], indexes={"m": {"tiny": str(both)}})
+    assert builds == [] and r["models"]["m"]["index_from"] == {"tiny": str(both)}
+    assert r["metrics"]["h"]["tiny"]["ndcg@10"] > 0

@@ -78,6 +78,7 @@ def load_retriever(
     bm25: BM25Config | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    autocast: str | None = None,
     index_type: str = "flat",
     index_root: str | os.PathLike | None = None,
     indexes: Mapping[str, str] | None = None,
@@ -97,7 +98,7 @@ def load_retriever(
         emb = model
     else:
         try:
-            emb = Embedder.from_pretrained(str(model), device=device, dtype=dtype)
+            emb = Embedder.from_pretrained(str(model), device=device, dtype=dtype, autocast=autocast)
         except OSError as e:
             raise FileNotFoundError(
                 f"eval.models.{name}={model!r} could not be loaded ({e}). Give a saved embedder folder, "
@@ -142,6 +143,7 @@ def evaluate_models(
     passkey: PasskeyConfig | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    autocast: str | None = None,
     index_type: str = "flat",
     keep_indexes: bool = False,
     plot: bool = True,
@@ -173,7 +175,7 @@ def evaluate_models(
         return _evaluate_models(
             models, datasets, out_dir, hybrids, shared, data_dir=data_dir, instructions=instructions,
             query_instructions=query_instructions, top_k=top_k, batch_size=batch_size, max_length=max_length,
-            bm25=bm25, passkey=passkey, device=device, dtype=dtype, index_type=index_type,
+            bm25=bm25, passkey=passkey, device=device, dtype=dtype, autocast=autocast, index_type=index_type,
             keep_indexes=keep_indexes, plot=plot, indexes=indexes or {})
 
 
@@ -195,7 +197,7 @@ def _hybrid_model(spec: HybridSpec, models: Mapping[str, Any]) -> tuple[str | No
 
 def _evaluate_models(models, datasets, out_dir, hybrids: list[HybridSpec], shared: Path | None, *,
                      data_dir, instructions, query_instructions, top_k, batch_size, max_length, bm25, passkey,
-                     device, dtype, index_type, keep_indexes, plot, indexes) -> dict[str, Any]:
+                     device, dtype, autocast, index_type, keep_indexes, plot, indexes) -> dict[str, Any]:
     hybrid_models = {_hybrid_model(h, models)[0] for h in hybrids}
     loaded = [
         d if isinstance(d, (RetrievalData, STSData)) else load_dataset(d, data_dir, dict(instructions or {}))
@@ -210,14 +212,14 @@ def _evaluate_models(models, datasets, out_dir, hybrids: list[HybridSpec], share
     }
     per_query: dict[str, dict[str, Any]] = {}
     common = dict(query_instructions=query_instructions, batch_size=batch_size, max_length=max_length, bm25=bm25,
-                  device=device, dtype=dtype, index_type=index_type)
+                  device=device, dtype=dtype, autocast=autocast, index_type=index_type)
     for name, model in [*models.items(), *((h.name, h) for h in hybrids)]:
         t_load = time.perf_counter()
         index_root = Path(out_dir) / "indexes" / name if (keep_indexes and out_dir is not None) else None
         if shared is not None and name in hybrid_models:
             index_root = shared / name
         if isinstance(model, HybridSpec):
-            retriever = _hybrid_retriever(model, models, shared, common)
+            retriever = _hybrid_retriever(model, models, shared, common, indexes)
             source = "hybrid"
         else:
             retriever = load_retriever(name, model, index_root=index_root, indexes=indexes.get(name), **common)
@@ -249,15 +251,16 @@ def _evaluate_models(models, datasets, out_dir, hybrids: list[HybridSpec], share
     return results
 
 
-def _hybrid_retriever(spec: HybridSpec, models: Mapping[str, Any], shared: Path, common: dict[str, Any]
-                      ) -> HybridRetriever:
-    """The retriever of one hybrid row; its index folder is its model's (``shared/<model row>``)."""
+def _hybrid_retriever(spec: HybridSpec, models: Mapping[str, Any], shared: Path, common: dict[str, Any],
+                      indexes: Mapping[str, Mapping[str, str]]) -> HybridRetriever:
+    """The retriever of one hybrid row; its index folder is its model's (``shared/<model row>``), or
+    the model row's prebuilt index (``indexes``) where that holds the parts the row searches."""
     from rayembed.index.lexical import BM25Params
 
     row, model = _hybrid_model(spec, models)
     dense = None
     if model is not None and spec.needs_model:
-        dense = load_retriever(row or spec.name, model, index_root=None, **common)
+        dense = load_retriever(row or spec.name, model, index_root=None, indexes=indexes.get(row or ""), **common)
         if not isinstance(dense, DenseRetriever):
             raise ValueError(f"eval.hybrid[{spec.name}].model must be an embedding model, not {model!r}.")
     root = shared / (row if (row and dense is not None) else f"{spec.name} (index)")
