@@ -269,7 +269,8 @@ class Pipeline:
             instructions=ev.instructions, query_instructions=ev.query_instructions, top_k=ev.top_k,
             batch_size=ev.batch_size, max_length=ev.max_length, bm25=ev.bm25, passkey=ev.passkey,
             index_type=ev.index_type, keep_indexes=ev.keep_indexes, plot=ev.plot, hybrid=ev.hybrid,
-            indexes=indexes,
+            indexes=indexes, device=self.cfg.model.device, dtype=self.cfg.model.dtype,
+            autocast=self.cfg.model.autocast,
         )
         table = render_table(results)
         print("\n" + table)

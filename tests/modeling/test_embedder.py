@@ -80,6 +80,26 @@ def test_outputs_are_normalised_float32_in_input_order(tiny):
     np.testing.assert_allclose(vecs[1], tiny.encode([TEXTS[1]])[0], atol=1e-5)
 
 
+def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_the_vectors(tiny):
+    """model.autocast=bfloat16: weights stay float32, the linear layers compute in bf16, and the
+    float32 output stays close to plain fp32 encoding (the index and eval stages rely on that)."""
+    from rayembed.config.model import ModelConfig
+    from rayembed.modeling.loading import pretrained_kwargs
+
+    assert pretrained_kwargs(ModelConfig(autocast="bfloat16"))["autocast"] == "bfloat16"
+    fast = Embedder.from_pretrained("tiny-llama", max_length=32, autocast="bfloat16")
+    seen = []
+    linear = next(m for m in fast.model.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    fp32, bf16 = tiny.encode(TEXTS), fast.encode(TEXTS)
+    assert fast.dtype == torch.float32 and seen and set(seen) == {torch.bfloat16}
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    assert float((fp32 * bf16).sum(axis=1).min()) > 0.99
+    with pytest.raises(ValueError, match="autocast must be none, bfloat16 or float16"):
+        Embedder.from_pretrained("tiny-llama", autocast="int8")
+
+
 def test_instruction_template_is_applied(tiny):
     q = tiny.format_query("what is lift", "Given a question, retrieve answers")
     assert q == "Instruct: Given a question, retrieve answers\nQuery: what is lift"

@@ -31,7 +31,7 @@ def test_all_passes_every_setting_and_auto_pooling_as_none():
 def test_none_leaves_the_model_its_own_settings():
     kw = pretrained_kwargs(_model("model.padding_side=right", "model.gguf_file=m.gguf"), settings="none",
                            heads=False)
-    assert set(kw) == {"dtype", "device", "trust_remote_code", "cache"}
+    assert set(kw) == {"dtype", "device", "trust_remote_code", "cache", "autocast"}
 
 
 def test_lora_only_when_enabled():

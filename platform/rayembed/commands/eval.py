@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     save_resolved(cfg, out_dir)
     common = dict(query_instructions=ev.query_instructions, batch_size=ev.batch_size,
                   max_length=ev.max_length, device=cfg.model.device, dtype=cfg.model.dtype,
+                  autocast=cfg.model.autocast,
                   index_type=ev.index_type)
     if args.passkey:
         from rayembed.evaluate import load_retriever

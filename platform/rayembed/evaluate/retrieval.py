@@ -107,7 +107,8 @@ class DenseRetriever:
         cfg = self.embedder.config
         return {"type": "dense", "base_model": cfg.base_model, "pooling": cfg.pooling,
                 "max_length": self.max_length or cfg.max_length, "instruct": self.instruct,
-                "dim": self.embedder.dim}
+                "dim": self.embedder.dim, "dtype": str(self.embedder.dtype).removeprefix("torch."),
+                "autocast": str(self.embedder.autocast_dtype).removeprefix("torch.") if self.embedder.autocast_dtype else None}
 
     def encode(self, texts: list[str], instruction: str | None) -> np.ndarray:
         t0 = time.perf_counter()

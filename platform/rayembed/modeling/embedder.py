@@ -34,6 +34,7 @@ With heads (``sparse=True``, ``multivector=True``), :meth:`Embedder.encode_spars
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -56,6 +57,7 @@ from rayembed.modeling.loading import (
     base_model_id,
     load_hf_model,
     peft_lora_config,
+    pick_autocast,
     pick_device,
     pick_dtype,
     pretrained_kwargs,
@@ -136,6 +138,8 @@ class Embedder(HeadsMixin, torch.nn.Module):
         self.config = config
         self.source = source  # the folder this was loaded from, if any
         self.uri: str | None = None  # the storage URI it was downloaded from, if any
+        # Encoding runs under torch.autocast to this dtype when set (model.autocast); None: no autocast.
+        self.autocast_dtype: torch.dtype | None = None
         if config.attention == "bidirectional":
             enable_bidirectional(self.model, config.model_type)
         self.text = TextTokenizer(tokenizer, config)  # template, EOS and padding rules
@@ -178,6 +182,7 @@ class Embedder(HeadsMixin, torch.nn.Module):
         sparse: bool | None = None,
         multivector: bool | None = None,
         multivector_dim: int | None = None,
+        autocast: str | None = None,
     ) -> Embedder:
         """Load a saved embedder folder, a HF folder or hub id, a GGUF file, or a registered name.
 
@@ -188,6 +193,8 @@ class Embedder(HeadsMixin, torch.nn.Module):
         ``sparse`` / ``multivector``: None keeps the heads the model has (a saved folder's
         ``heads.safetensors``); True adds a freshly initialised head where there is none;
         False drops it. ``multivector_dim`` sizes a new multi-vector head (None: hidden size).
+        ``autocast``: "bfloat16" or "float16" runs encoding under ``torch.autocast`` in that dtype
+        (the weights keep ``dtype``); None or "none": no autocast.
         """
         name = str(name_or_path)
         uri = None
@@ -231,6 +238,7 @@ class Embedder(HeadsMixin, torch.nn.Module):
         saved_heads = (ecfg.sparse, ecfg.multivector)
         emb = cls(model, tok, ecfg, source=source)
         emb.uri = uri
+        emb.autocast_dtype = pick_autocast(autocast)
         if saved.exists() and any(saved_heads):
             emb._load_heads(path)
         emb.set_heads(sparse=sparse, multivector=multivector, multivector_dim=multivector_dim)
@@ -290,6 +298,11 @@ class Embedder(HeadsMixin, torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The backbone's weights dtype (encoding may run in :attr:`autocast_dtype`)."""
+        return next(self.model.parameters()).dtype
 
     @property
     def dim(self) -> int:
@@ -387,7 +400,7 @@ class Embedder(HeadsMixin, torch.nn.Module):
         self.model.eval()
         device = self.device
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.inference_autocast():
                 for start in starts:
                     idx = order[start : start + batch_size]
                     batch = self.pad([ids[i] for i in idx])
@@ -396,6 +409,12 @@ class Embedder(HeadsMixin, torch.nn.Module):
         finally:
             self.model.train(was_training)
         return out
+
+    def inference_autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` to :attr:`autocast_dtype` on this model's device, or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def encode_queries(self, texts: str | Sequence[str], instruction: str | None, **kw: Any) -> np.ndarray:
         return self.encode(texts, instruction=instruction, **kw)

@@ -153,7 +153,7 @@ class HeadsMixin:
         self.eval()
         device = self.device
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.inference_autocast():
                 for start in range(0, len(ids), batch_size):
                     idx = order[start : start + batch_size]
                     batch = self.pad([ids[i] for i in idx])

@@ -36,6 +36,16 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def pick_autocast(autocast: str | None) -> torch.dtype | None:
+    """``model.autocast`` by name: None or "none" (no autocast), "bfloat16" or "float16"."""
+    if autocast in (None, "none"):
+        return None
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}[autocast]
+    except KeyError:
+        raise ValueError(f"autocast must be none, bfloat16 or float16, not '{autocast}'.") from None
+
+
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     """``dtype`` by name; None or "auto": bfloat16 on cuda, float32 elsewhere."""
     if dtype in (None, "auto"):
@@ -78,7 +88,7 @@ def pretrained_kwargs(
     if settings not in ("changed", "all", "none"):
         raise ValueError(f"settings must be changed, all or none, not {settings!r}.")
     kw: dict[str, Any] = dict(dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                              cache=cfg.cache_dir)
+                              cache=cfg.cache_dir, autocast=cfg.autocast)
     if settings != "none":
         kw["gguf_file"] = cfg.gguf_file
         defaults = ModelConfig()
