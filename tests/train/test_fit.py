@@ -65,6 +65,7 @@ def test_ddp_two_workers_recovers_from_killed_worker(tmp_path, train_shards, ray
     assert summary["attempts"] == 2 and summary["resumed_from_step"] == 4
     # The gather: every worker's loss saw both workers' documents (positives + negatives).
     assert summary["local_docs"] == 8 and summary["pool_docs"] == 16
+    assert summary["model_flops_per_s"] > 0 and 0 <= summary["padding_share"] < 1
     hist = _history(out)
     assert [h["step"] for h in hist] == list(range(1, 9))
     # The data position continues exactly: batch k of the epoch at step k+1, no batch twice.

@@ -140,10 +140,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         evaluator = TrainingEvaluator(cfg)
 
+    from rayembed.train.flops import step_flops
+
+    flops = step_flops(task.model, checkpointing=bool(tc.gradient_checkpointing))
     shard = ray.train.get_dataset_shard("train")
     stream = _batches(shard, spec, state)
     tokens_seen = 0.0
     t_window, window_examples, window_tokens, window_steps = time.perf_counter(), 0, 0.0, 0
+    window_padded = 0.0
     step_times: list[float] = []
     metrics: dict[str, Any] = {}
     while state.step < tc.max_steps:
@@ -166,6 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         n_examples = batch["q_input_ids"].shape[0]
         window_examples += n_examples
         window_tokens += float(batch.get("num_tokens", 0))
+        window_padded += float(batch["q_input_ids"].numel() + batch["d_input_ids"].numel())
         window_steps += 1
         loss = _all_mean(out["loss"], device)
         do_log = state.step % tc.log_every == 0 or state.step == tc.max_steps
@@ -187,11 +192,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - t_window
             examples = _all_sum(window_examples, device)
             toks = _all_sum(window_tokens, device)
+            padded = _all_sum(window_padded, device)
             tokens_seen += toks
             metrics = {
                 **{k: v for k, v in record.items() if k != "first_id"},
                 "examples_per_s": examples / max(elapsed, 1e-9),
                 "tokens_per_s": toks / max(elapsed, 1e-9),
+                # Model FLOPs on the non-padding tokens (train/flops.py); padding is waste, not work.
+                "model_flops_per_s": toks * flops.per_token / max(elapsed, 1e-9),
+                "padding_share": 1.0 - toks / padded if padded else 0.0,
                 "tokens_seen": tokens_seen,
                 "resumed_from_step": resumed_from,
                 "attempts": state.attempts,
@@ -203,11 +212,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["pool_docs"] = _all_sum(out["local_docs"], device)
             if rank == 0:
                 logger.info(
-                    "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f ex/s %.0f tok/s",
-                    state.step, tc.max_steps, loss, lr, grad_norm,
-                    metrics["examples_per_s"], metrics["tokens_per_s"],
+                    "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.1f ex/s %.0f tok/s %.1f GFLOP/s (%.0f%% padding)",
+                    state.step, tc.max_steps, loss, lr, grad_norm, metrics["examples_per_s"],
+                    metrics["tokens_per_s"], metrics["model_flops_per_s"] / 1e9, 100 * metrics["padding_share"],
                 )
             t_window, window_examples, window_tokens, window_steps = time.perf_counter(), 0, 0.0, 0
+            window_padded = 0.0
         if evaluator is not None and (state.step % tc.eval_every == 0 or state.step == tc.max_steps):
             scores = evaluator.evaluate(task, engine, rank)
             metrics.update(scores)
