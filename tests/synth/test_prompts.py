@@ -129,12 +129,14 @@ def test_reply_schemas_accept_only_what_the_validator_accepts():
     for s in bs:
         tasks = s.schema["properties"]["tasks"]
         assert tasks["minItems"] == tasks["maxItems"] == 5 and '{"tasks": [...]}' in s.prompt
-        good = {"tasks": [f"Given query {'abcde'[i]} find its documents" for i in range(5)]}
+        good = {"tasks": [f"Given query {'abcde'[i]}, find its well-known user's documents." for i in range(5)]}
         jsonschema.validate(good, s.schema)
         assert len(parse_task_list(json.dumps(good))) == 5
         for bad in ({"tasks": good["tasks"][:4]}, {"tasks": ["FindHomeCareersProjectList"] * 5},
-                    {"tasks": ["find tips (1) (2) (3)"] * 5}):
-            with pytest.raises(jsonschema.ValidationError):  # too few; one word (the parser drops it); numbering
+                    {"tasks": ["find tips (1) (2) (3)"] * 5},
+                    {"tasks": ["find_troubleshop guide_toc_list_d by_category_d_t help_d_d_t"] * 5}):
+            # too few; one word (the parser drops it); numbering; symbol runs (a token a character)
+            with pytest.raises(jsonschema.ValidationError):
                 jsonschema.validate(bad, s.schema)
     zh = P.response_schema("generate", "sts", {"language": "zh"}, 320)
     assert zh["properties"]["S1"]["minLength"] >= 3  # no spaces to count words by: lengths instead

@@ -273,15 +273,20 @@ def words_schema(min_words: int, max_chars: int, digits: bool = True) -> dict[st
 
     A pattern, because llguidance cannot intersect a pattern with minLength/maxLength; the word
     count is what the validator checks (and what stops a small model answering with one
-    CamelCase token). The text opens with no digit or punctuation (no runs of numbers: "1, 2, 3, ..." is how a
+    CamelCase token). ``digits=False`` (task definitions): letters only. The text opens with no digit or punctuation (no runs of numbers: "1, 2, 3, ..." is how a
     small model loses its budget). Words hold no quote or backslash: the reply needs no escapes.
     """
     min_words = max(1, min_words)
     max_words = max(min_words, max_chars // _CHARS_PER_WORD_BUDGET)
-    if digits:  # a number is a token a digit: at most 4 in a word ("2023", "COVID-19")
-        word = f'(?:[^ "\\\\0-9]{{1,{_MAX_WORD_CHARS}}}|[^ "\\\\0-9]{{0,8}}[0-9]{{1,4}}[^ "\\\\0-9]{{0,4}})'
-    else:
-        word = f'[^ "\\\\0-9()]{{1,{_MAX_WORD_CHARS}}}'
+    if not digits:
+        # Letters only, with inner hyphens or apostrophes and a closing comma or full stop: words a
+        # token or two each. Symbols let a small model spell "help_d_d_t" runs at a token a
+        # character, past any token budget.
+        letters = "A-Za-z\u00c0-\u024f"
+        word = f"[{letters}][{letters}'-]{{0,{_MAX_WORD_CHARS - 2}}}[,.;:]?"
+        return {"type": "string", "pattern": f"^{word}( {word}){{{min_words - 1},{max_words - 1}}}$"}
+    # A number is a token a digit: at most 4 in a word ("2023", "COVID-19").
+    word = f'(?:[^ "\\\\0-9]{{1,{_MAX_WORD_CHARS}}}|[^ "\\\\0-9]{{0,8}}[0-9]{{1,4}}[^ "\\\\0-9]{{0,4}})'
     first = f'[^ 0-9"\\\\,.;:!?(){{}}\\[\\]-][^ "\\\\0-9]{{0,{_MAX_WORD_CHARS - 1}}}'
     return {"type": "string", "pattern": f"^{first}( {word}){{{min_words - 1},{max_words - 1}}}$"}
 
