@@ -90,6 +90,7 @@ class ContrastiveTask:
             **pretrained_kwargs(
                 mc, settings="all", attention=attention,
                 dtype="float32",  # engines cast (DeepSpeed) or autocast; master weights stay fp32
+                autocast=None,  # train.precision rules here; the probe vectors are exact fp32
                 device=str(device),
             ),
         )
