@@ -115,7 +115,10 @@ def test_training_step_loss_matches_the_embedder_vectors_and_gradcache():
     got = {n: p.grad for n, p in chunked.model.named_parameters() if p.grad is not None}
     assert grads and got.keys() == grads.keys()
     for name in grads:
-        torch.testing.assert_close(got[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        # Chunked and whole-batch matmuls add in another order: elements that nearly cancel differ by
+        # float32 rounding of the tensor's scale, not of their own size; compare at that scale.
+        scale = float(grads[name].abs().max())
+        torch.testing.assert_close(got[name], grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_export_records_the_sizes_and_a_later_stage_without_them_drops_them(tmp_path):

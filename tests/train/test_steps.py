@@ -59,7 +59,10 @@ def test_gradcache_gradients_equal_unchunked():
     assert g_full and g_full.keys() == g_chunk.keys()
     assert any("lora" in n for n in g_full), "LoRA weights must receive gradients"
     for name in g_full:
-        torch.testing.assert_close(g_chunk[name], g_full[name], rtol=1e-4, atol=1e-6, msg=name)
+        # Chunked and whole-batch matmuls add in another order: elements that nearly cancel differ by
+        # float32 rounding of the tensor's scale, not of their own size; compare at that scale.
+        scale = float(g_full[name].abs().max())
+        torch.testing.assert_close(g_chunk[name], g_full[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_gradcache_replay_reproduces_dropout_masks():
