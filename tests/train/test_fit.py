@@ -68,6 +68,8 @@ def test_ddp_two_workers_recovers_from_killed_worker(tmp_path, train_shards, ray
     assert summary["model_flops_per_s"] > 0 and 0 <= summary["padding_share"] < 1
     hist = _history(out)
     assert [h["step"] for h in hist] == list(range(1, 9))
+    # Throughput of each logging window lands in metrics.jsonl on the logged steps.
+    assert [h["step"] for h in hist if "model_flops_per_s" in h] == [s for s in range(1, 9) if s % 2 == 0]
     # The data position continues exactly: batch k of the epoch at step k+1, no batch twice.
     assert [h["batch_in_epoch"] for h in hist] == list(range(8))
     assert len({h["first_id"] for h in hist}) == 8

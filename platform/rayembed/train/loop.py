@@ -207,6 +207,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "world_size": world,
                 "setup_s": setup_s,
             }
+            # The window's throughput also goes to metrics.jsonl, on the logged steps only.
+            record.update({k: metrics[k] for k in ("examples_per_s", "tokens_per_s", "model_flops_per_s",
+                                                   "padding_share")})
             if "local_docs" in out:
                 metrics["local_docs"] = out["local_docs"]
                 metrics["pool_docs"] = _all_sum(out["local_docs"], device)
