@@ -96,3 +96,13 @@ def test_a_corpus_without_the_text_field_is_refused_before_any_request(scripted_
     assert scripted_llm.log == []
     with pytest.raises(ConfigError, match=r"synth.corpus_queries.corpus is empty"):
         synth_cfg(tmp_path, scripted_llm.base_url, "synth.num_examples={corpus-queries: 3}")
+
+
+def test_a_query_with_no_bm25_token_finds_nothing_instead_of_failing():
+    """A query of stopwords or punctuation only tokenises to nothing: it ranks last and is dropped."""
+    from rayembed.synth.corpus_queries import _Ranker
+
+    texts = [f"{title}: {words}" for title, words in TOPICS.values()]
+    ranker = _Ranker("bm25", texts, instruction="")
+    ranks = ranker.ranks(["basalt lava eruption", "what is the of it", "?!"], [0, 1, 2])
+    assert ranks.tolist() == [1, len(texts), len(texts)]

@@ -155,6 +155,7 @@ class _Ranker:
 
             self.bm25 = bm25s.BM25()
             self.bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+            self._n_docs = len(texts)
         else:
             from rayembed.modeling.embedder import Embedder
 
@@ -169,7 +170,10 @@ class _Ranker:
             import bm25s
 
             tokens = bm25s.tokenize(queries, stopwords="en", show_progress=False, return_ids=False)
-            scores = np.stack([self.bm25.get_scores(t) for t in tokens])  # (nq, n_docs)
+            # A query of stopwords or punctuation only has no BM25 token: it scores 0 everywhere,
+            # so it finds nothing and is rejected (bm25s itself fails on an empty token list).
+            scores = np.stack([self.bm25.get_scores(t) if t else np.zeros(self._n_docs, np.float32)
+                               for t in tokens])  # (nq, n_docs)
         else:
             q = self.emb.encode([self.emb.format_query(x, self.instruction) for x in queries]).astype(np.float32)
             scores = q @ self.vecs.T  # (nq, n_docs)
