@@ -45,7 +45,8 @@ def step_flops(model: torch.nn.Module, *, checkpointing: bool = False) -> StepFl
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        n = module.weight.numel()
+        # Under ZeRO-3 a rank holds an empty placeholder; DeepSpeed keeps the full size in ds_numel.
+        n = getattr(module.weight, "ds_numel", None) or module.weight.numel()
         seen_trainable = seen_trainable or any(p.requires_grad for p in module.parameters(recurse=False))
         all_p += n
         if seen_trainable:
