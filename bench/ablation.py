@@ -15,6 +15,10 @@ collections:
     python bench/ablation.py --synth runs/demo/synth                     # whole collections
     python bench/ablation.py --synth runs/demo/synth --steps 20 --max-docs 500 --max-queries 30
 
+Training runs as the demo trains (2 DDP workers of one thread each); evaluation encodes under the
+demo's bf16 autocast. BM25 and the untuned model are evaluated once as reference rows
+(``--no-reference`` skips them). Each finished row is written at once, so a stopped run keeps it.
+
 ``--synth`` is a `rayembed synth` output folder (default ``runs/demo/synth``, which `make demo`
 writes with corpus queries). Rows absent from it make their ablation row equal to "all data", and the
 table says so. Writes bench/out/ablation.json.
@@ -87,11 +91,11 @@ def train_variant(name: str, variant: dict, synth: dict[str, Path], args, work: 
         f"run_dir={run_dir}", f"data.sources={json.dumps(sources)}", "data.val_fraction=0.0", f"seed={args.seed}",
         f"model.name_or_path={args.model}", "model.max_length=256",
         "model.lora={enabled: true, r: 16, alpha: 32, dropout: 0.05, target_modules: [all-linear], top_layers: 8}",
-        "train.num_workers=1", f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}",
+        f"train.num_workers={args.workers}", f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}",
         f"train.lr={args.lr}", f"train.warmup_steps={max(1, args.steps // 10)}", "train.temperature=0.02",
         "train.num_negatives=1", "train.query_max_length=48", "train.doc_max_length=96",
         f"train.checkpoint_every={args.steps}", "train.log_every=10", "train.engine=ddp",
-        "train.cpus_per_worker=1", "compute.num_cpus=4", "compute.object_store_memory_mb=512",
+        f"train.cpus_per_worker={args.cpus_per_worker}", "compute.num_cpus=4", "compute.object_store_memory_mb=512",
         f"compute.temp_dir={tempfile.mkdtemp(prefix='ab', dir='/tmp')}",
         *variant.get("overrides", []),
     ])
@@ -109,6 +113,7 @@ def train_variant(name: str, variant: dict, synth: dict[str, Path], args, work: 
 
 
 def evaluate(model_dir: str, args, instructions: str) -> dict[str, float]:
+    """nDCG@10 of one model (a saved folder, a registered name or 'bm25') on both collections."""
     from rayembed.config.eval import DatasetSpec
     from rayembed.evaluate.runner import evaluate_models
     from rayembed.runtime import resolve_data_dir
@@ -117,7 +122,8 @@ def evaluate(model_dir: str, args, instructions: str) -> dict[str, float]:
     specs = [DatasetSpec(name="msmarco-subset", path="msmarco-subset", format="beir", **cut),
              DatasetSpec(name="cranfield", path="cranfield", format="smart", **cut)]
     res = evaluate_models({"m": model_dir}, specs, data_dir=resolve_data_dir(), max_length=128, batch_size=32,
-                          top_k=100, plot=False, query_instructions=instructions)
+                          top_k=100, plot=False, query_instructions=instructions,
+                          autocast=None if args.autocast == "none" else args.autocast)
     return {ds: res["metrics"]["m"][ds]["ndcg@10"] for ds in ("msmarco-subset", "cranfield")}
 
 
@@ -130,12 +136,19 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="DDP workers (the demo's 2)")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5, help="the demo's 0.5: one torch thread each")
+    p.add_argument("--autocast", default="bfloat16", choices=["none", "bfloat16"],
+                   help="encoding precision in evaluation (the demo's bf16 autocast; 'none' for fp32)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the BM25 and untuned-model reference rows (the untuned one costs one evaluation)")
     p.add_argument("--max-docs", type=int, default=0, help="slice each corpus (0: the whole collection)")
     p.add_argument("--max-queries", type=int, default=0, help="first N judged queries (0: all)")
     p.add_argument("--only", action="append", default=[], help="run only these rows (repeatable)")
     p.add_argument("--work-dir", default=None)
     args = p.parse_args()
 
+    from rayembed.io import atomic_write_json
     from rayembed.runtime import setup_logging
 
     setup_logging("INFO")
@@ -144,7 +157,9 @@ def main() -> int:
     synth = split_synth(Path(args.synth), work) if Path(args.synth).is_dir() else {}
     if not synth:
         print(f"{args.synth} is not a synth output folder: every row trains without synthetic data", flush=True)
-    results: dict = {"settings": vars(args), "synth_rows": {k: str(v) for k, v in synth.items()}, "rows": {}}
+    results: dict = {"settings": vars(args), "synth_rows": {k: str(v) for k, v in synth.items()}, "rows": {},
+                     "reference": {}}
+    out = REPO / "bench" / "out" / "ablation.json"
     for name, variant in VARIANTS.items():
         if args.only and name not in args.only:
             continue
@@ -155,21 +170,28 @@ def main() -> int:
         if same and len(same) == len(variant.get("drop", ())):
             info["note"] = f"the synth run has no {', '.join(same)} rows: same data as 'all data'"
         results["rows"][name] = info
+        atomic_write_json(out, results)  # a row at a time: an interrupted run keeps what it measured
+    if not args.no_reference:
+        for name, model in (("BM25", "bm25"), (f"{args.model}, untuned", args.model)):
+            print(f"\n=== reference: {name}", flush=True)
+            results["reference"][name] = {"ndcg@10": evaluate(model, args, "auto")}
+            atomic_write_json(out, results)
     sliced = "sliced: " + ", ".join(f"{k}={v}" for k, v in (("max_docs", args.max_docs),
                                                                 ("max_queries", args.max_queries)) if v)
-    print(f"\nAblation: {args.model}, LoRA, {args.steps} steps of {args.batch_size}, seed {args.seed}"
+    print(f"\nAblation: {args.model}, LoRA, {args.steps} steps of {args.batch_size} on {args.workers} workers, "
+          f"seed {args.seed}, evaluation autocast {args.autocast}"
           f"{' (' + sliced + ')' if args.max_docs or args.max_queries else ' (whole collections)'}\n")
     base = results["rows"].get("all data", {}).get("ndcg@10")
     print("| data | train rows | mined | train s | MS MARCO nDCG@10 | Cranfield nDCG@10 | Δ vs all (mean) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in results["reference"].items():
+        m, c = r["ndcg@10"]["msmarco-subset"], r["ndcg@10"]["cranfield"]
+        print(f"| {name} (reference, not trained) | - | - | - | {m:.4f} | {c:.4f} | |")
     for name, r in results["rows"].items():
         m, c = r["ndcg@10"]["msmarco-subset"], r["ndcg@10"]["cranfield"]
         delta = "" if not base else f"{((m + c) - sum(base.values())) / 2 * 100:+.1f} pts"
         print(f"| {name} | {r['rows']} | {r['rows_mined']} | {r['train_s']:.0f} | {m:.4f} | {c:.4f} | {delta} |"
               + (f" {r['note']}" if r.get("note") else ""))
-    from rayembed.io import atomic_write_json
-
-    out = REPO / "bench" / "out" / "ablation.json"
     atomic_write_json(out, results)
     print(f"\nwrote {out}")
     return 0
