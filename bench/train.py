@@ -7,6 +7,13 @@
 Per-step time excludes start-up: it is the wall time between consecutive steps (metric
 reporting included) from step ``--skip`` on. Goal: Ray Train <= 1.2x the plain loop per step.
 
+Where a step's time goes, per run (medians over the steps after ``--skip``): ``data`` is the wait
+for the next tokenised batch, ``compute`` the forward, backward and optimizer step (all-reduce
+included at 2 workers), ``between`` the time between one step's end and the next step's start
+(metric reporting and checkpoints in Ray Train). Achieved model FLOP/s (train/flops.py, non-padding
+tokens) is set against the measured peak of a large fp32 matrix multiply on the same thread count,
+which is what a training step can at best reach on this CPU (MFU).
+
     python bench/train.py                                  # tiny-llama, 30 steps (~5 min on 2 cores)
     python bench/train.py --model smollm2-135m --steps 12 --batch 8
 
@@ -73,6 +80,35 @@ def per_step(times: list[float], skip: int) -> float:
     return statistics.median(gaps) if gaps else float("nan")
 
 
+def gemm_peak(threads: int, dtype: str = "float32", n: int = 2048, seconds: float = 3.0) -> float:
+    """FLOP/s of an n x n x n matrix multiply with ``threads`` torch threads (the best of a few runs)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(n, n, dtype=getattr(torch, dtype))
+        b = torch.randn(n, n, dtype=getattr(torch, dtype))
+        torch.mm(a, b)
+        best, t_end = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n**3 / best
+    finally:
+        torch.set_num_threads(before)
+
+
+def breakdown(hist: list[dict], skip: int) -> dict:
+    """Median data wait, compute and between-step time of a run's per-step records."""
+    rows = hist[skip + 1:] or hist
+    between = [b["time"] - b["step_s"] - a["time"] for a, b in zip(hist, hist[1:])][skip:]
+    return {"data_s": statistics.median(r.get("data_s", 0.0) for r in rows),
+            "compute_s": statistics.median(r["step_s"] - r.get("data_s", 0.0) for r in rows),
+            "between_s": statistics.median(between) if between else float("nan")}
+
+
 def plain_loop(args, data: Path, tmp: Path) -> dict:
     """The single-process baseline: same task and engine code, batches read in this process."""
     import torch
@@ -80,6 +116,7 @@ def plain_loop(args, data: Path, tmp: Path) -> dict:
     from rayembed.config import load_config
     from rayembed.data.stream import LocalShard, iter_train_batches
     from rayembed.train.engine import DDPEngine
+    from rayembed.train.flops import step_flops
     from rayembed.train.tasks import make_task
     from rayembed.train.trainer import stream_spec
 
@@ -93,16 +130,27 @@ def plain_loop(args, data: Path, tmp: Path) -> dict:
     engine = DDPEngine(task.model, cfg.train, torch.device("cpu"))
     spec = stream_spec(cfg, [str(data)])
     batches = iter_train_batches(LocalShard(spec), spec, rank=0)
+    flops = step_flops(task.model, checkpointing=bool(cfg.train.gradient_checkpointing))
     setup = time.perf_counter() - t0
-    stamps, losses = [], []
+    stamps, losses, hist = [], [], []
+    tokens = padded = 0.0
     for _ in range(args.steps):
+        t_start = time.perf_counter()
         batch = next(batches)
+        t_data = time.perf_counter() - t_start
         out = task.step(engine, batch)
         engine.step()
         losses.append(out["loss"])
         stamps.append(time.perf_counter())
+        hist.append({"time": stamps[-1], "step_s": stamps[-1] - t_start, "data_s": t_data})
+        if len(stamps) > args.skip + 1:
+            tokens += float(batch.get("num_tokens", 0))
+            padded += float(batch["q_input_ids"].numel() + batch["d_input_ids"].numel())
+    timed = stamps[-1] - stamps[args.skip]
     return {"setup_s": setup, "total_s": time.perf_counter() - t0, "per_step_s": per_step(stamps, args.skip),
-            "first_loss": losses[0], "last_loss": losses[-1]}
+            "first_loss": losses[0], "last_loss": losses[-1], **breakdown(hist, args.skip),
+            "model_flops_per_s": tokens * flops.per_token / timed if timed > 0 else float("nan"),
+            "padding_share": 1 - tokens / padded if padded else 0.0}
 
 
 def ray_run(args, data: Path, tmp: Path, name: str, *extra: str) -> dict:
@@ -114,9 +162,18 @@ def ray_run(args, data: Path, tmp: Path, name: str, *extra: str) -> dict:
     model_dir = run_training(cfg, [str(data)], log_level="WARNING")
     total = time.perf_counter() - t0
     hist = [json.loads(x) for x in (model_dir.parent / "metrics.jsonl").read_text().splitlines()]
+    logged = [h for h in hist if "model_flops_per_s" in h][1:]  # the first window holds the warm-up
     return {"total_s": total, "per_step_s": per_step([h["time"] for h in hist], args.skip),
-            "compute_step_s": statistics.median([h["step_s"] for h in hist[args.skip + 1:]] or [float("nan")]),
-            "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"]}
+            "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"], **breakdown(hist, args.skip),
+            "model_flops_per_s": statistics.median(h["model_flops_per_s"] for h in logged) if logged else float("nan"),
+            "padding_share": statistics.median(h["padding_share"] for h in logged) if logged else float("nan")}
+
+
+def report(name: str, r: dict, peak: float) -> str:
+    return (f"{name:26s}: {r['per_step_s'] * 1000:8.1f} ms/step  data {r['data_s'] * 1000:6.1f}  "
+            f"compute {r['compute_s'] * 1000:7.1f}  between {r['between_s'] * 1000:6.1f} ms  "
+            f"{r['model_flops_per_s'] / 1e9:6.2f} GFLOP/s = {100 * r['model_flops_per_s'] / peak:4.1f}% of peak  "
+            f"padding {100 * r['padding_share']:.0f}%")
 
 
 def main() -> int:
@@ -142,9 +199,15 @@ def main() -> int:
     results: dict = {"model": args.model, "steps": args.steps, "batch": args.batch,
                      "query_len": args.query_len, "doc_len": args.doc_len, "cpu_count": os.cpu_count()}
     print(f"model {args.model}, {args.steps} steps, global batch {args.batch}", flush=True)
+    # The peak a step could reach: a large fp32 matrix multiply on one thread (what a worker with a
+    # fractional CPU gets) and on every core; bf16 beside it for CPUs with AVX-512 BF16.
+    peaks = {f"{dtype}_{t}t": gemm_peak(t, dtype) for dtype in ("float32", "bfloat16") for t in (1, os.cpu_count())}
+    results["gemm_peak_flops"] = peaks
+    print("GEMM peak (2048^3 matmul): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()),
+          flush=True)
+    peak = peaks["float32_1t"]
     results["plain"] = plain_loop(args, data, tmp)
-    print(f"plain PyTorch loop   : {results['plain']['per_step_s'] * 1000:8.1f} ms/step "
-          f"(total {results['plain']['total_s']:.1f} s)", flush=True)
+    print(report("plain PyTorch loop", results["plain"], peak), flush=True)
 
     init_ray(ComputeConfig(num_cpus=4, object_store_memory_mb=256, temp_dir=tempfile.mkdtemp(prefix="rb", dir="/tmp"),
                            log_to_driver=False))
@@ -153,18 +216,18 @@ def main() -> int:
     # faster of the two plain runs (load only ever slows a run down).
     again = plain_loop(args, data, tmp)
     results["plain_again"] = again
-    print(f"plain PyTorch loop (again): {again['per_step_s'] * 1000:8.1f} ms/step", flush=True)
+    print(report("plain PyTorch loop (again)", again, peak), flush=True)
     best_plain = min(results["plain"]["per_step_s"], again["per_step_s"])
     ratio = results["ray_1w"]["per_step_s"] / best_plain
     results["ray_over_plain_per_step"] = ratio
-    print(f"rayembed train, 1 wk : {results['ray_1w']['per_step_s'] * 1000:8.1f} ms/step "
-          f"(total {results['ray_1w']['total_s']:.1f} s incl. start-up)", flush=True)
+    print(report("rayembed train, 1 worker", results["ray_1w"], peak)
+          + f" (total {results['ray_1w']['total_s']:.1f} s incl. start-up)", flush=True)
     print(f"ratio Ray/plain per step: {ratio:.2f}x (goal <= 1.2x)", flush=True)
     if not args.no_two_workers:
         for name, engine in (("ddp_2w", "ddp"), ("zero3_2w", "deepspeed")):
             results[name] = ray_run(args, data, tmp, name, "train.num_workers=2", f"train.engine={engine}")
-            print(f"2 workers, {engine:9s}: {results[name]['per_step_s'] * 1000:8.1f} ms/step "
-                  f"(total {results[name]['total_s']:.1f} s)", flush=True)
+            # Two workers of one thread each: their peak is twice the one-thread figure.
+            print(report(f"2 workers, {engine}", results[name], 2 * peak), flush=True)
         results["zero3_over_ddp_per_step"] = results["zero3_2w"]["per_step_s"] / results["ddp_2w"]["per_step_s"]
         print(f"ratio ZeRO-3/DDP per step: {results['zero3_over_ddp_per_step']:.2f}x", flush=True)
     ray.shutdown()
