@@ -33,3 +33,21 @@ def test_minilm_matches_sentence_transformers():
     texts = ["The cat sits on the mat.", "Aerodynamic lift on a swept wing at transonic speeds.", "hi"]
     cos = (emb.encode(texts) * st.encode(texts, normalize_embeddings=True)).sum(1)
     assert np.all(cos > 0.999)
+
+
+def test_an_incomplete_cached_conversion_is_converted_again(tmp_path):
+    """A cached SmolLM2 folder holding only tokenizer files (seen once after a killed run) is
+    detected and replaced by a whole conversion, instead of failing later on a missing model_type."""
+    from transformers import AutoConfig
+
+    from rayembed.modeling.backbones import converted_folder_missing, resolve_checkpoint
+
+    broken = tmp_path / "models" / "smollm2-135m"
+    broken.mkdir(parents=True)
+    (broken / "tokenizer_config.json").write_text("{}")
+    assert converted_folder_missing(broken) == "no readable config.json"
+
+    folder = resolve_checkpoint("smollm2-135m", cache=str(tmp_path))
+    assert folder == broken and converted_folder_missing(folder) == ""
+    assert AutoConfig.from_pretrained(folder).model_type == "llama"
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m"]  # nothing left aside

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from rayembed.io import replace_folder
 from rayembed.runtime import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -73,13 +74,37 @@ def resolve_checkpoint(name_or_path: str, *, gguf_file: str | None = None, cache
     return name_or_path  # a hub id; loading it needs the network
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def converted_folder_missing(folder: Path) -> str:
+    """What a cached model folder lacks ("" when it is complete): a config.json naming its
+    ``model_type`` and a weights file. A folder is renamed into place only when complete, but a
+    folder left half-written by anything else would otherwise be loaded and fail far from here."""
+    if not folder.is_dir():
+        return "no folder"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "no readable config.json"
+    if not isinstance(config, dict) or not config.get("model_type"):
+        return "config.json has no model_type"
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        return "no weights file"
+    return ""
+
+
 def convert_gguf(folder: Path, gguf_file: str, name: str, *, cache: str | None = None) -> Path:
     """Dequantise a GGUF checkpoint into a cached HF folder, once (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir(cache) / "models" / name
-    if (target / "config.json").exists():
+    missing = converted_folder_missing(target)
+    if not missing:
         return target
+    if target.exists():
+        logger.warning("Cached conversion %s is incomplete (%s); converting %s again.", target, missing, gguf_file)
     if not (folder / gguf_file).exists():
         raise FileNotFoundError(f"GGUF file '{folder / gguf_file}' does not exist; check model.gguf_file.")
     logger.info("Converting %s to a plain HF folder in %s (once)", folder / gguf_file, target)
@@ -98,10 +123,10 @@ def convert_gguf(folder: Path, gguf_file: str, name: str, *, cache: str | None =
     try:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():  # another process won the race
+        if not converted_folder_missing(target):  # another process won the race
             shutil.rmtree(tmp)
         else:
-            tmp.rename(target)
+            replace_folder(tmp, target)  # over an incomplete folder, if there is one
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
