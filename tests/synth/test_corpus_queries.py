@@ -106,3 +106,52 @@ def test_a_query_with_no_bm25_token_finds_nothing_instead_of_failing():
     ranker = _Ranker("bm25", texts, instruction="")
     ranks = ranker.ranks(["basalt lava eruption", "what is the of it", "?!"], [0, 1, 2])
     assert ranks.tolist() == [1, len(texts), len(texts)]
+
+
+def _big_corpus(path: Path, n: int) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"_id": f"p{i}", "text": f"passage {i} about topic {i % 97} " + "word " * 30}) + "\n")
+    return path
+
+
+def test_a_large_corpus_is_held_as_a_bounded_seeded_sample(tmp_path):
+    """Above max_corpus_docs the driver keeps a seeded sample from across the whole corpus, in corpus
+    order, while the fingerprint still covers every document; its memory does not grow with the corpus."""
+    import tracemalloc
+
+    from rayembed.config.synth import CorpusQueriesConfig
+    from rayembed.synth.corpus_queries import CorpusQueries
+
+    small, large = _big_corpus(tmp_path / "small.jsonl", 2_000), _big_corpus(tmp_path / "large.jsonl", 20_000)
+    capped = CorpusQueriesConfig(corpus=str(large), max_corpus_docs=200)
+    a, b = CorpusQueries.load(capped), CorpusQueries.load(capped)
+    assert len(a.docs) == 200 and a.corpus_docs == 20_000
+    ids = [int(d["doc_id"][1:]) for d in a.docs]
+    assert ids == sorted(ids) and ids == [int(d["doc_id"][1:]) for d in b.docs]  # seeded, corpus order
+    assert max(ids) > 10_000 and min(ids) < 2_000  # drawn from across the corpus, not its head
+    whole = CorpusQueries.load(CorpusQueriesConfig(corpus=str(large), max_corpus_docs=0))
+    assert len(whole.docs) == 20_000 and whole.fingerprint() == a.fingerprint()
+    assert CorpusQueries.load(CorpusQueriesConfig(corpus=str(small))).fingerprint() != a.fingerprint()
+
+    def peak(path: Path) -> int:
+        tracemalloc.start()
+        CorpusQueries.load(CorpusQueriesConfig(corpus=str(path), max_corpus_docs=200))
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    assert peak(large) < 1.5 * peak(small)  # 10x the corpus, the same memory
+
+
+def test_max_corpus_docs_enters_the_resume_fingerprint_only_when_set(tmp_path):
+    """Folders written before the key existed still resume at its default; another value is another run."""
+    from rayembed.synth.resume import fingerprint
+
+    base = synth_cfg(tmp_path, "http://127.0.0.1:1/v1", "synth.num_examples={corpus-queries: 3}",
+                     f"synth.corpus_queries={{corpus: '{_corpus(tmp_path)}'}}")
+    fp = fingerprint(base.synth, 0)
+    assert "max_corpus_docs" not in fp["fields"]["corpus_queries"]
+    other = synth_cfg(tmp_path, "http://127.0.0.1:1/v1", "synth.num_examples={corpus-queries: 3}",
+                      f"synth.corpus_queries={{corpus: '{_corpus(tmp_path)}', max_corpus_docs: 5}}")
+    assert fingerprint(other.synth, 0)["fingerprint"] != fp["fingerprint"]

@@ -119,6 +119,11 @@ class CorpusQueriesConfig:
         "Round-trip filter: bm25, a saved embedder folder or registered name (its exact search), or none.",
     )
     top_k: int = option(3, "Keep a query when its passage ranks in this many top results of the filter.")
+    max_corpus_docs: int = option(
+        100_000,
+        "Passages the driver holds: a larger corpus is read once, streaming, and a seeded sample of this many is "
+        "kept; passages are drawn from it and the round-trip filter ranks over it (0: the whole corpus).",
+    )
 
     def __post_init__(self) -> None:
         if self.format not in ("auto", "jsonl", "parquet", "beir", "smart"):
@@ -127,6 +132,8 @@ class CorpusQueriesConfig:
             raise ConfigError(f"synth.corpus_queries.top_k={self.top_k} must be at least 1.")
         if not 1 <= self.min_query_words <= self.max_query_words:
             raise ConfigError("synth.corpus_queries needs 1 <= min_query_words <= max_query_words.")
+        if self.max_corpus_docs < 0:
+            raise ConfigError("synth.corpus_queries.max_corpus_docs must be >= 0 (0: the whole corpus).")
         if self.max_passage_chars < 100:
             raise ConfigError("synth.corpus_queries.max_passage_chars must be at least 100.")
 

@@ -3,7 +3,9 @@
 
 Passages are sampled (seeded) from ``synth.corpus_queries.corpus``; the LLM writes one query per
 passage under a JSON schema (``{"query": ...}``); the driver keeps a row only when the passage
-ranks in the top ``top_k`` of BM25 (or of a given embedder) over the whole corpus for that query.
+ranks in the top ``top_k`` of BM25 (or of a given embedder) over the corpus for that query. A corpus
+larger than ``max_corpus_docs`` is read once, streaming, and a seeded sample of that many passages is
+kept: the driver's memory is bounded by it, not by the corpus, and the filter ranks over the sample.
 Rejected queries go to ``_rejects/`` with the reason ``round_trip`` and the rank. Each row's id is
 ``<corpus name>/<document id>``, so evaluation can show which passages were used, and that no
 evaluation query was.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -35,11 +38,14 @@ TASK_TYPE = "corpus-queries"
 class CorpusQueries:
     """One corpus's passages and its round-trip filter, loaded before any request is sent."""
 
-    def __init__(self, cq, name: str, docs: list[dict[str, str]]):
+    def __init__(self, cq, name: str, docs: list[dict[str, str]], *, corpus_fingerprint: str | None = None,
+                 corpus_docs: int | None = None):
         self.cq = cq
         self.name = name
         self.docs = docs  # {"doc_id", "text" (title and body, as the index encodes it)}
         self.index_of = {d["doc_id"]: i for i, d in enumerate(docs)}
+        self.corpus_docs = len(docs) if corpus_docs is None else corpus_docs  # in the whole corpus
+        self._fingerprint = corpus_fingerprint
         self._ranker = None
 
     @classmethod
@@ -62,21 +68,40 @@ class CorpusQueries:
                 f"synth.corpus_queries.text_field={cq.text_field!r} is not a column of {path} (its first record "
                 f"has {sorted(first)[:8]}). Set synth.corpus_queries.text_field to the column holding the text."
             )
-        docs = []
+        # One streaming pass: every document is hashed, at most max_corpus_docs are kept (a seeded
+        # reservoir sample, in corpus order), so the driver's memory does not grow with the corpus.
+        cap = cq.max_corpus_docs or None
+        rng = random.Random(f"corpus-queries-pool:{cap}")
+        h = hashlib.sha256()
+        pool: list[tuple[int, dict[str, str]]] = []
+        n = 0
         try:
-            for d in normalize(_chain(first, records), mapping, source=str(path)):
-                docs.append({"doc_id": d["doc_id"], "text": encode_text(d["text"], d["title"], True)})
+            for n, d in enumerate(normalize(_chain(first, records), mapping, source=str(path)), start=1):
+                doc = {"doc_id": d["doc_id"], "text": encode_text(d["text"], d["title"], True)}
+                h.update(_doc_bytes(doc))
+                if cap is None or len(pool) < cap:
+                    pool.append((n, doc))
+                else:
+                    j = rng.randrange(n)
+                    if j < cap:
+                        pool[j] = (n, doc)
         except ValueError as e:
             raise ConfigError(f"synth.corpus_queries: {e}") from None
+        docs = [doc for _, doc in sorted(pool, key=lambda t: t[0])]
+        if len(docs) < n:
+            logger.info("corpus-queries: %s holds %d passages; a seeded sample of %d is drawn from and ranked over "
+                        "(synth.corpus_queries.max_corpus_docs)", path, n, len(docs))
         name = cq.name or (path.parent.name if path.name in ("corpus.jsonl", "cran.all.1400") else path.stem)
-        return cls(cq, name, docs)
+        return cls(cq, name, docs, corpus_fingerprint=h.hexdigest()[:16], corpus_docs=n)
 
     def fingerprint(self) -> str:
-        """A hash of the documents: part of every spec id, so a changed corpus is never mixed in."""
-        h = hashlib.sha256()
-        for d in self.docs:
-            h.update(d["doc_id"].encode() + b"\x1f" + d["text"].encode() + b"\x1e")
-        return h.hexdigest()[:16]
+        """A hash of the whole corpus: part of every spec id, so a changed corpus is never mixed in."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for d in self.docs:
+                h.update(_doc_bytes(d))
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def specs(self, n: int, seed: int, max_tokens: int, structured_output: Any) -> list[PromptSpec]:
         """``n`` passages sampled with a seeded RNG (long enough ones only), one request each."""
@@ -118,13 +143,18 @@ class CorpusQueries:
         return specs
 
     def ranks(self, queries: list[str], doc_ids: list[str]) -> np.ndarray:
-        """The rank (1 = first) of each query's passage over the whole corpus under the filter."""
+        """The rank (1 = first) of each query's passage under the filter, over the passages held (the
+        whole corpus up to ``max_corpus_docs``)."""
         if self._ranker is None:
             t0 = time.perf_counter()
             self._ranker = _Ranker(self.cq.filter, [d["text"] for d in self.docs], self.cq.instruction)
             logger.info("corpus-queries: %s filter over %d passages ready in %.1f s", self.cq.filter,
                         len(self.docs), time.perf_counter() - t0)
         return self._ranker.ranks(queries, [self.index_of[d] for d in doc_ids])
+
+
+def _doc_bytes(d: dict[str, str]) -> bytes:
+    return d["doc_id"].encode() + b"\x1f" + d["text"].encode() + b"\x1e"
 
 
 def _chain(first, rest):

@@ -64,6 +64,9 @@ NON_ROW_SERVER_KEYS = frozenset({
     "host", "port", "route_prefix", "app_name", "num_cpus", "num_gpus", "num_replicas", "api_key_env",
     "api_key_file", "torch_threads", "batch_wait_timeout_s", "max_body_bytes",
 })
+# Keys added after runs were written, left out while at their default: a folder written before a
+# key existed still resumes, and setting the key to anything else changes the fingerprint.
+ADDED_AT_DEFAULT = {("corpus_queries", "max_corpus_docs"): 100_000}
 
 
 def _canonical(v: Any) -> Any:
@@ -86,6 +89,8 @@ def fingerprint(sc, seed: int) -> dict[str, Any]:
             if not sc.launch_local_llm:
                 continue
             v = {sk: sv for sk, sv in v.items() if sk not in NON_ROW_SERVER_KEYS}
+        if isinstance(v, dict):
+            v = {sk: sv for sk, sv in v.items() if ADDED_AT_DEFAULT.get((k, sk), object()) != sv}
         fields[k] = _canonical(v)
     fields["languages"] = sorted(sc.languages)
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
