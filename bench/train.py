@@ -1,7 +1,9 @@
 """Ray Train overhead and engine comparison, on the same model, data and steps.
 
 1. A plain single-process PyTorch loop (same task code, same batches read in-process).
-2. ``rayembed train`` with 1 worker (DDP engine, i.e. no wrapper at world size 1).
+2. ``rayembed train`` with 1 worker (DDP engine, i.e. no wrapper at world size 1); then, to find
+   where a difference lives, the plain loop inside a Ray task (a Ray worker process without Ray
+   Train or Ray Data) and Ray Train without Ray Data's prefetch (``data.stream.prefetch_batches=0``).
 3. 2 workers with DDP, then 2 workers with DeepSpeed ZeRO-3.
 
 Per-step time excludes start-up: it is the wall time between consecutive steps (metric
@@ -169,6 +171,14 @@ def ray_run(args, data: Path, tmp: Path, name: str, *extra: str) -> dict:
             "padding_share": statistics.median(h["padding_share"] for h in logged) if logged else float("nan")}
 
 
+def plain_in_ray_task(args, data: Path, tmp: Path) -> dict:
+    """The same plain loop inside a Ray task: a Ray worker process, without Ray Train or Ray Data.
+    Slower here than in the driver means the process is the cost; as fast means the loop is."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=1)(plain_loop).remote(args, data, tmp))
+
+
 def report(name: str, r: dict, peak: float) -> str:
     return (f"{name:26s}: {r['per_step_s'] * 1000:8.1f} ms/step  data {r['data_s'] * 1000:6.1f}  "
             f"compute {r['compute_s'] * 1000:7.1f}  between {r['between_s'] * 1000:6.1f} ms  "
@@ -223,6 +233,13 @@ def main() -> int:
     print(report("rayembed train, 1 worker", results["ray_1w"], peak)
           + f" (total {results['ray_1w']['total_s']:.1f} s incl. start-up)", flush=True)
     print(f"ratio Ray/plain per step: {ratio:.2f}x (goal <= 1.2x)", flush=True)
+    # Where the difference lives: the Ray worker process itself, or the prefetch thread that Ray
+    # Data runs beside the training loop in the worker.
+    results["plain_in_ray_task"] = plain_in_ray_task(args, data, tmp)
+    print(report("plain loop in a Ray task", results["plain_in_ray_task"], peak), flush=True)
+    results["ray_1w_no_prefetch"] = ray_run(args, data, tmp, "ray1np", "train.num_workers=1", "train.engine=ddp",
+                                            "data.stream.prefetch_batches=0")
+    print(report("Ray Train, no prefetch", results["ray_1w_no_prefetch"], peak), flush=True)
     if not args.no_two_workers:
         for name, engine in (("ddp_2w", "ddp"), ("zero3_2w", "deepspeed")):
             results[name] = ray_run(args, data, tmp, name, "train.num_workers=2", f"train.engine={engine}")
