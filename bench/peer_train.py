@@ -87,6 +87,7 @@ def make_config(args, run_dir: Path):
         f"model.name_or_path={args.model}", f"model.max_length={args.eval_len}",
         "model.lora.enabled=true", f"model.lora.r={args.lora_r}", f"model.lora.alpha={args.lora_alpha}",
         f"model.lora.dropout={args.lora_dropout}", f"model.lora.target_modules=[{args.lora_targets}]",
+        f"model.lora.top_layers={args.lora_top_layers or 'null'}",
         "train.num_workers=1", f"train.cpus_per_worker={args.threads}", "train.engine=ddp",
         f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}", f"train.lr={args.lr}",
         f"train.warmup_steps={args.warmup}", f"train.temperature={args.temperature}", "train.num_negatives=1",
@@ -239,12 +240,13 @@ def build_peer(cfg, args):
     """SentenceTransformer(Transformer -> last-token Pooling -> Normalize) with LoRA, on the HF
     folder rayembed loads for ``model.name_or_path``."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import modules
     from tokenizers.processors import TemplateProcessing
 
     from rayembed.modeling.backbones import resolve_checkpoint
+    from rayembed.modeling.loading import peft_lora_config
 
     mc = cfg.model
     where = resolve_checkpoint(mc.name_or_path, gguf_file=mc.gguf_file, cache=mc.cache_dir)
@@ -268,10 +270,8 @@ def build_peer(cfg, args):
     hidden = tr.model.config.hidden_size
     model = SentenceTransformer(modules=[tr, modules.Pooling(hidden, pooling_mode="lasttoken"), modules.Normalize()],
                                 device="cpu")
-    lora = mc.lora
-    targets = "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
-    tr.model = get_peft_model(tr.model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                   target_modules=targets))
+    # rayembed's own LoraConfig for model.lora: the same modules, on the same (top) layers.
+    tr.model = get_peft_model(tr.model, peft_lora_config(tr.model, mc.lora, mc.name_or_path))
     return model
 
 
@@ -448,6 +448,8 @@ def main() -> int:
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", default="all-linear", help="comma-separated module names, or all-linear")
+    p.add_argument("--lora-top-layers", type=int, default=0,
+                   help="LoRA on the top N layers only (the demo's 8; 0: every layer)")
     p.add_argument("--query-len", type=int, default=48)
     p.add_argument("--doc-len", type=int, default=128)
     p.add_argument("--eval-len", type=int, default=256, help="max tokens per text at evaluation")
@@ -560,7 +562,8 @@ def main() -> int:
         side.pop("first_ids", None)
 
     print()
-    print(f"{args.model} + LoRA r{args.lora_r}/a{args.lora_alpha} on {', '.join(args.lora_targets.split(','))}; "
+    print(f"{args.model} + LoRA r{args.lora_r}/a{args.lora_alpha} on {', '.join(args.lora_targets.split(','))}"
+          f"{f' of the top {args.lora_top_layers} layers' if args.lora_top_layers else ''}; "
           f"{args.steps} steps x {args.batch_size} examples (1 hard negative), lr {args.lr:g}, warm-up {args.warmup}, "
           f"tau {args.temperature:g} (scale {1 / args.temperature:g}), lengths {args.query_len}/{args.doc_len}, "
           f"{args.threads} training thread(s); peer sampler {args.peer_sampler}, schedule {args.peer_schedule}")
@@ -583,8 +586,11 @@ def main() -> int:
           "trainable params "
           f"{c['trainable_params'][RAYEMBED]:,} vs {c['trainable_params'][PEER]:,}; peer export vs its own encode: "
           f"max |diff| {c['peer_export_probe_max_abs_diff']:.1e}")
-    print(f"loss, mean of the last {args.log_every} steps: rayembed {r['last_window_loss']:.4f}, "
-          f"sentence-transformers {s['last_window_loss']:.4f}")
+    def loss(v) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    print(f"loss, mean of the last {args.log_every} steps: rayembed {loss(r['last_window_loss'])}, "
+          f"sentence-transformers {loss(s['last_window_loss'])} (-: fewer steps than --log-every)")
     rt = results["ratios"]
     met = all(v is not None and v >= 1.0 for k, v in rt.items() if k == "examples_per_s" or k.startswith("ndcg"))
     print(f"goal (rayembed >= peer on examples/s and every nDCG@10): {'met' if met else 'NOT met'}")
