@@ -19,6 +19,9 @@ Training runs as the demo trains (2 DDP workers of one thread each); evaluation 
 demo's bf16 autocast. BM25 and the untuned model are evaluated once as reference rows
 (``--no-reference`` skips them). Each finished row is written at once, so a stopped run keeps it.
 
+A rerun with the same ``--work-dir`` reuses the rows it already trained (each row's
+``trained.json``) and trains the rest.
+
 ``--synth`` is a `rayembed synth` output folder (default ``runs/demo/synth``, which `make demo`
 writes with corpus queries). Rows absent from it make their ablation row equal to "all data", and the
 table says so. Writes bench/out/ablation.json.
@@ -99,6 +102,10 @@ def train_variant(name: str, variant: dict, synth: dict[str, Path], args, work: 
         f"compute.temp_dir={tempfile.mkdtemp(prefix='ab', dir='/tmp')}",
         *variant.get("overrides", []),
     ])
+    done = run_dir / "trained.json"  # a row trained by an earlier, interrupted run of this script
+    if done.is_file() and (run_dir / "train" / "model" / "embedder_config.json").is_file():
+        print(f"{name}: reusing the model trained in {run_dir} (delete {done} to train again)", flush=True)
+        return str(run_dir / "train" / "model"), json.loads(done.read_text())
     manifest = read_manifest(build_mix(cfg))
     init_ray(cfg.compute)
     t0 = time.perf_counter()
@@ -107,9 +114,13 @@ def train_variant(name: str, variant: dict, synth: dict[str, Path], args, work: 
     import ray
 
     ray.shutdown()
+    from rayembed.io import atomic_write_json
+
     mined = sum((s.get("mined") or {}).get("rows_mined", 0) for s in manifest["sources"].values())
-    return str(model_dir), {"rows": manifest["train"]["rows"], "by_source": manifest["train"]["by_source"],
-                            "rows_mined": mined, "train_s": round(seconds, 1)}
+    info = {"rows": manifest["train"]["rows"], "by_source": manifest["train"]["by_source"],
+            "rows_mined": mined, "train_s": round(seconds, 1)}
+    atomic_write_json(done, info)
+    return str(model_dir), info
 
 
 def evaluate(model_dir: str, args, instructions: str) -> dict[str, float]:
@@ -118,7 +129,7 @@ def evaluate(model_dir: str, args, instructions: str) -> dict[str, float]:
     from rayembed.evaluate.runner import evaluate_models
     from rayembed.runtime import resolve_data_dir
 
-    cut = {"max_docs": args.max_docs or None, "max_queries": args.max_queries or None}
+    cut = {"max_docs": args.max_docs, "max_queries": args.max_queries}  # 0: the whole collection
     specs = [DatasetSpec(name="msmarco-subset", path="msmarco-subset", format="beir", **cut),
              DatasetSpec(name="cranfield", path="cranfield", format="smart", **cut)]
     res = evaluate_models({"m": model_dir}, specs, data_dir=resolve_data_dir(), max_length=128, batch_size=32,
