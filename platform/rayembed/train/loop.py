@@ -170,7 +170,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         n_examples = batch["q_input_ids"].shape[0]
         window_examples += n_examples
         window_tokens += float(batch.get("num_tokens", 0))
-        window_padded += float(batch["q_input_ids"].numel() + batch["d_input_ids"].numel())
+        # What went through the model, padding included (less than the batch's padded tensors
+        # under train.length_buckets).
+        window_padded += float(out.get("tokens_fed") or batch["q_input_ids"].numel() + batch["d_input_ids"].numel())
         window_steps += 1
         loss = _all_mean(out["loss"], device)
         do_log = state.step % tc.log_every == 0 or state.step == tc.max_steps

@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rayembed.losses import info_nce, matryoshka_info_nce
@@ -39,15 +40,78 @@ class MultiEncoder(torch.nn.Module):
     they go through the embedder as separate calls inside this single module call.
     """
 
-    def __init__(self, embedder: torch.nn.Module, all_outputs: bool = False):
+    def __init__(self, embedder: torch.nn.Module, all_outputs: bool = False, length_buckets: int = 1):
         super().__init__()
         self.embedder = embedder
         self.all_outputs = all_outputs  # heads: each group gives Embedder.forward_all's dict
+        # Dense vectors only: heads return per-token outputs whose length a bucket would change.
+        self.length_buckets = 1 if all_outputs else length_buckets
+        self.tokens_fed = 0  # (rows x columns) that went through the model, padding included
 
     def forward(self, *tensors: torch.Tensor) -> tuple[Any, ...]:
         if self.all_outputs:
+            self.tokens_fed += sum(tensors[i].numel() for i in range(0, len(tensors), 2))
             return tuple(self.embedder.forward_all(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2))
-        return tuple(self.embedder(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2))  # (n_g, D)
+        return tuple(self._encode(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2))  # (n_g, D)
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One group's vectors, (n, D): through the model in length buckets, back in row order."""
+        plan = length_buckets(mask, self.length_buckets)
+        self.tokens_fed += sum(rows.numel() * (cols.stop - cols.start) for rows, cols in plan)
+        if len(plan) == 1:
+            rows, cols = plan[0]
+            return self.embedder(ids[:, cols], mask[:, cols])  # rows: all, in order
+        parts, order = [], []
+        for rows, cols in plan:
+            parts.append(self.embedder(ids[rows][:, cols], mask[rows][:, cols]))  # (n_b, D)
+            order.append(rows)
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+
+def length_buckets(mask: torch.Tensor, k: int) -> list[tuple[torch.Tensor, slice]]:
+    """Split a padded group's rows into at most ``k`` runs of similar length that together carry
+    the fewest padded tokens (exact, by dynamic programming over the rows sorted by length), each
+    with the column span its rows use. Left and right padding alike: a bucket keeps the columns
+    where any of its rows has a token. Causal and bidirectional models give the same vectors for a
+    row cut this way (with rotary positions, the shift of a left-padded row changes nothing).
+    ``k`` = 1 keeps the group whole (all rows, all columns)."""
+    n, width = mask.shape
+    whole = [(torch.arange(n, device=mask.device), slice(0, width))]
+    if k <= 1 or n < 2:
+        return whole
+    lengths = mask.sum(dim=1)  # (n,)
+    if bool((lengths == lengths[0]).all()):
+        return whole
+    order = torch.argsort(lengths, descending=True, stable=True)
+    ls = np.asarray(lengths[order].tolist(), dtype=np.float64)  # longest first
+    k = min(k, n)
+    # best[i]: fewest padded tokens for the first i sorted rows in j buckets; a bucket of rows
+    # a..i-1 costs (i - a) * ls[a] (its longest row comes first). cost[a, i] adds one bucket.
+    a_idx, i_idx = np.arange(n)[:, None], np.arange(n + 1)[None, :]
+    span = np.where(i_idx > a_idx, (i_idx - a_idx) * ls[:, None], np.inf)  # (n, n + 1)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    cuts, totals = [], []
+    for _ in range(k):
+        cost = best[:n, None] + span  # (n, n + 1)
+        cut = cost.argmin(axis=0)  # (n + 1,)
+        best = cost[cut, np.arange(n + 1)]
+        best[0] = np.inf
+        cuts.append(cut)
+        totals.append(best[n])
+    j = int(np.argmin(totals))  # the fewest buckets among the cheapest (argmin takes the first)
+    bounds, i = [], n
+    while j >= 0:
+        a = int(cuts[j][i])
+        bounds.append((a, i))
+        i, j = a, j - 1
+    plan = []
+    for a, b in reversed(bounds):
+        rows = order[a:b]
+        used = mask[rows].any(dim=0).nonzero().flatten()
+        lo, hi = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, width)
+        plan.append((rows, slice(lo, hi)))
+    return plan
 
 
 def _set_dropout(model: torch.nn.Module, p: float) -> None:
@@ -108,7 +172,10 @@ class ContrastiveTask:
         self.embedder.config.matryoshka_dims = self.matryoshka_dims or None
         self._parts: dict[str, float] = {}  # the last step's per-size losses (Matryoshka)
         self.embedder.train()
-        self.model = MultiEncoder(self.embedder, all_outputs=self.heads)
+        buckets = tc.length_buckets
+        if buckets is None:  # see train.length_buckets
+            buckets = 4 if device.type == "cpu" and tc.engine == "ddp" else 1
+        self.model = MultiEncoder(self.embedder, all_outputs=self.heads, length_buckets=buckets)
 
     def _groups(self, batch: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [
@@ -159,12 +226,14 @@ class ContrastiveTask:
     def step(self, engine: Any, batch: dict[str, Any]) -> dict[str, float]:
         """Forward and backward of one batch (the engine's step() applies the update)."""
         groups = self._groups(batch)
+        self.model.tokens_fed = 0
         if self.heads:
             with engine.autocast():
                 q, d = engine.module(*[t for g in groups for t in g])  # dicts of forward_all outputs
                 loss, parts = self._heads_loss(q, d, groups[0][0], groups[1][0])
                 engine.backward(loss)
-            out = {"loss": float(loss.detach()), "local_docs": groups[1][0].shape[0]}
+            out = {"loss": float(loss.detach()), "local_docs": groups[1][0].shape[0],
+                   "tokens_fed": self.model.tokens_fed}
             out.update({f"loss_{name}": float(v.detach()) for name, v in parts.items()})
             return out
         with engine.autocast():
@@ -183,7 +252,9 @@ class ContrastiveTask:
                 loss = self._loss(q, d)
                 engine.backward(loss)
         docs = groups[1][0].shape[0]
-        out = {"loss": float(loss.detach()), "local_docs": docs}
+        # GradCache encodes every chunk twice (without gradients, then the replay): count it once.
+        fed = self.model.tokens_fed // 2 if self.train.chunk_size else self.model.tokens_fed
+        out = {"loss": float(loss.detach()), "local_docs": docs, "tokens_fed": fed}
         out.update(self._parts)  # Matryoshka: each size's InfoNCE
         return out
 
