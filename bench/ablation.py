@@ -19,8 +19,8 @@ Training runs as the demo trains (2 DDP workers of one thread each); evaluation 
 demo's bf16 autocast. BM25 and the untuned model are evaluated once as reference rows
 (``--no-reference`` skips them). Each finished row is written at once, so a stopped run keeps it.
 
-A rerun with the same ``--work-dir`` reuses the rows it already trained (each row's
-``trained.json``) and trains the rest.
+A rerun with the same ``--work-dir`` reuses the rows it already trained and evaluated (each
+row's ``trained.json``) and does the rest.
 
 ``--synth`` is a `rayembed synth` output folder (default ``runs/demo/synth``, which `make demo`
 writes with corpus queries). Rows absent from it make their ablation row equal to "all data", and the
@@ -177,7 +177,9 @@ def main() -> int:
         same = [k for k in variant.get("drop", ()) if k not in synth]
         print(f"\n=== {name}", flush=True)
         model_dir, info = train_variant(name, variant, synth, args, work)
-        info["ndcg@10"] = evaluate(model_dir, args, variant.get("eval_instructions", "auto"))
+        if "ndcg@10" not in info:  # a reused row keeps its evaluation too
+            info["ndcg@10"] = evaluate(model_dir, args, variant.get("eval_instructions", "auto"))
+            atomic_write_json(work / name.replace(" ", "-") / "trained.json", info)
         if same and len(same) == len(variant.get("drop", ())):
             info["note"] = f"the synth run has no {', '.join(same)} rows: same data as 'all data'"
         results["rows"][name] = info
