@@ -3,7 +3,8 @@
 1. A plain single-process PyTorch loop (same task code, same batches read in-process).
 2. ``rayembed train`` with 1 worker (DDP engine, i.e. no wrapper at world size 1); then, to find
    where a difference lives, the plain loop inside a Ray task (a Ray worker process without Ray
-   Train or Ray Data) and Ray Train without Ray Data's prefetch (``data.stream.prefetch_batches=0``).
+   Train or Ray Data), the plain loop while another process keeps a core busy, and Ray Train
+   without Ray Data's prefetch (``data.stream.prefetch_batches=0``).
 3. 2 workers with DDP, then 2 workers with DeepSpeed ZeRO-3.
 
 Per-step time excludes start-up: it is the wall time between consecutive steps (metric
@@ -179,6 +180,19 @@ def plain_in_ray_task(args, data: Path, tmp: Path) -> dict:
     return ray.get(ray.remote(num_cpus=1)(plain_loop).remote(args, data, tmp))
 
 
+def plain_beside_busy_core(args, data: Path, tmp: Path) -> dict:
+    """The plain loop while another process spins on a core: what a neighbour's activity alone
+    (Ray's own processes, the tokenising actors) costs a one-thread step on this machine."""
+    import subprocess
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        return plain_loop(args, data, tmp)
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def report(name: str, r: dict, peak: float) -> str:
     return (f"{name:26s}: {r['per_step_s'] * 1000:8.1f} ms/step  data {r['data_s'] * 1000:6.1f}  "
             f"compute {r['compute_s'] * 1000:7.1f}  between {r['between_s'] * 1000:6.1f} ms  "
@@ -237,6 +251,8 @@ def main() -> int:
     # Data runs beside the training loop in the worker.
     results["plain_in_ray_task"] = plain_in_ray_task(args, data, tmp)
     print(report("plain loop in a Ray task", results["plain_in_ray_task"], peak), flush=True)
+    results["plain_beside_busy_core"] = plain_beside_busy_core(args, data, tmp)
+    print(report("plain loop, a core busy", results["plain_beside_busy_core"], peak), flush=True)
     results["ray_1w_no_prefetch"] = ray_run(args, data, tmp, "ray1np", "train.num_workers=1", "train.engine=ddp",
                                             "data.stream.prefetch_batches=0")
     print(report("Ray Train, no prefetch", results["ray_1w_no_prefetch"], peak), flush=True)
