@@ -86,6 +86,12 @@ def _all_mean(value: float, device: torch.device) -> float:
     return float(t.item()) / torch.distributed.get_world_size()
 
 
+# Ray Train's controller takes one report per worker each health-check poll (2 s by default), from
+# a queue that holds one: a report sooner than that blocks the step until the next poll. Metrics-
+# only reports are therefore sent at most once per poll; metrics.jsonl records every logged step.
+REPORT_GAP_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+
+
 def _all_sum(value: float, device: torch.device) -> float:
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return value
@@ -148,6 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokens_seen = 0.0
     t_window, window_examples, window_tokens, window_steps = time.perf_counter(), 0, 0.0, 0
     window_padded = 0.0
+    last_report = float("-inf")
     step_times: list[float] = []
     metrics: dict[str, Any] = {}
     while state.step < tc.max_steps:
@@ -223,14 +230,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             t_window, window_examples, window_tokens, window_steps = time.perf_counter(), 0, 0.0, 0
             window_padded = 0.0
+            # Every rank must make the same report calls (each is a collective): rank 0's clock decides.
+            report_due = do_ckpt or _all_sum(
+                float(rank == 0 and time.perf_counter() - last_report >= REPORT_GAP_S), device) > 0
         if evaluator is not None and (state.step % tc.eval_every == 0 or state.step == tc.max_steps):
             scores = evaluator.evaluate(task, engine, rank)
             metrics.update(scores)
             record.update(scores)
         if do_ckpt:
             _report_checkpoint(metrics, state, engine, task, rank, final=state.step == tc.max_steps, cfg=cfg)
-        elif do_log:
+            last_report = time.perf_counter()
+        elif do_log and report_due:
             ray.train.report(metrics)
+            last_report = time.perf_counter()
     if rank == 0 and step_times:
         steady = step_times[1:] or step_times
         logger.info("Done: %d steps, mean step %.3f s after the first", state.step, sum(steady) / len(steady))
