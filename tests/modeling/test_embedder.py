@@ -58,6 +58,30 @@ def test_left_and_right_padding_agree(pooling):
     np.testing.assert_allclose(a, single, atol=1e-5)
 
 
+def test_left_padding_does_not_shift_absolute_positions():
+    """GPT-2 learns a vector per absolute position: a left-padded row must still start at 0, or its
+    vector would depend on the longest text it was batched with."""
+    from transformers import GPT2Config, GPT2Model
+
+    from rayembed.modeling.backbones import byte_tokenizer
+    from rayembed.modeling.embedder import EmbedderConfig
+
+    tok = byte_tokenizer("decoder")
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128)).eval()
+    emb = Embedder(model, tok, EmbedderConfig(base_model="tiny-gpt2", model_type="gpt2", is_decoder=True))
+    tok.padding_side = "left"
+    batched = emb.encode(TEXTS, batch_size=4)
+    single = np.stack([emb.encode([t])[0] for t in TEXTS])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    # Without the position ids, padding does shift them: the check above can fail.
+    batch = emb.tokenize(TEXTS)
+    with torch.no_grad():
+        shifted = emb.pool(model(**batch).last_hidden_state, batch["attention_mask"])
+        shifted = torch.nn.functional.normalize(shifted, dim=-1).numpy()
+    assert np.abs(shifted[0] - single[0]).max() > 1e-2
+
+
 def test_last_token_pooling_picks_the_eos_position(tiny):
     batch = tiny.tokenize(["ab", "abcdef"])
     hidden = tiny.hidden_states(batch["input_ids"], batch["attention_mask"])

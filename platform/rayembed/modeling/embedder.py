@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -83,6 +85,12 @@ def identity_files(folder: Path) -> list[Path]:
         if p.is_file() and p.name not in IDENTITY_SKIP
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+
+
+@functools.cache
+def _takes_position_ids(model_class: type) -> bool:
+    """Whether a backbone's forward takes ``position_ids`` (decoders and BERT-likes do)."""
+    return "position_ids" in inspect.signature(model_class.forward).parameters
 
 
 def check_matryoshka_dims(dims: Sequence[int] | None, dim: int, where: str = CONFIG_NAME) -> None:
@@ -312,11 +320,11 @@ class Embedder(HeadsMixin, torch.nn.Module):
         cfg = self._base_config()
         return getattr(cfg, "hidden_size", None) or cfg.d_model
 
+    def _base_model(self) -> torch.nn.Module:
+        return self.model.get_base_model() if self.is_peft else self.model
+
     def _base_config(self):
-        model = self.model
-        if self.is_peft:
-            model = model.get_base_model()
-        return model.config
+        return self._base_model().config
 
     # The text side (rayembed.modeling.tokenization), also reachable on the embedder itself.
 
@@ -342,6 +350,11 @@ class Embedder(HeadsMixin, torch.nn.Module):
         kwargs: dict[str, Any] = {}
         if self.config.attention == "bidirectional":
             kwargs["is_causal"] = False
+        if not bool(attention_mask[:, 0].all()) and _takes_position_ids(type(self._base_model())):
+            # Left padding: number each row's tokens from 0 where its text starts, so a row's vector
+            # does not depend on how far its batch padded it. Models with absolute positions (GPT-2)
+            # would otherwise read the padding as an offset; rotary ones are unchanged.
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, L, H)
 

@@ -73,7 +73,8 @@ def length_buckets(mask: torch.Tensor, k: int) -> list[tuple[torch.Tensor, slice
     the fewest padded tokens (exact, by dynamic programming over the rows sorted by length), each
     with the column span its rows use. Left and right padding alike: a bucket keeps the columns
     where any of its rows has a token. Causal and bidirectional models give the same vectors for a
-    row cut this way (with rotary positions, the shift of a left-padded row changes nothing).
+    row cut this way: a left-padded row's positions count from its first token
+    (``Embedder.hidden_states``), so removing padding columns shifts nothing.
     ``k`` = 1 keeps the group whole (all rows, all columns)."""
     n, width = mask.shape
     whole = [(torch.arange(n, device=mask.device), slice(0, width))]
