@@ -41,11 +41,11 @@ test: install
 test-fast: install
 	RAY_AUTH_MODE=disabled $(PY) -m pytest tests -m "not slow"
 
-# Every benchmark script (bench/*.py but report.py), then bench/RESULTS.md gathered from bench/out/*.json.
+# Every benchmark script (bench/*.py but report.py and the shared _*.py), then bench/RESULTS.md gathered from bench/out/*.json.
 # A failing benchmark does not stop the others; the target fails at the end if any did.
 bench: install
 	@failed=""; for f in bench/*.py; do \
-		[ "$$(basename $$f)" = report.py ] && continue; \
+		case "$$(basename $$f)" in report.py|_*) continue;; esac; \
 		echo "== $$f"; $(PY) $$f || failed="$$failed $$f"; \
 	done; \
 	$(PY) bench/report.py; \

@@ -31,18 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAYEMBED_CACHE", str(REPO / ".cache" / "rayembed"))
+from _common import REPO  # sets the environment before Ray or rayembed load
 
 BASE_SOURCES = [
     {"name": "stsb", "format": "stsb", "path": "stsb/sts-train.csv", "min_score": 4.0},

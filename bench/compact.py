@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAYEMBED_CACHE", str(REPO / ".cache" / "rayembed"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import REPO  # sets the environment before Ray or rayembed load
+
 sys.path.insert(0, str(REPO / "tests" / "index"))  # the cached-vector helper the tests use
 
 

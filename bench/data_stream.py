@@ -24,12 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAYEMBED_CACHE", str(REPO / ".cache" / "rayembed"))
+from _common import REPO  # sets the environment before Ray or rayembed load
 
 
 def _saved_tokenizer(model: str, work: Path) -> Path:

@@ -26,9 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAYEMBED_CACHE", str(REPO / ".cache" / "rayembed"))
+from _common import REPO  # sets the environment before Ray or rayembed load
 
 
 def weak_pairs(data_dir: Path, n: int, seed: int) -> list[tuple[str, str]]:

@@ -36,12 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAYEMBED_CACHE", str(REPO / ".cache" / "rayembed"))
+from _common import REPO  # sets the environment before Ray or rayembed load
 
 logger = logging.getLogger("bench.index")
 MODEL = "all-minilm-l6-v2"

@@ -29,13 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from _common import REPO  # sets the environment before Ray or rayembed load
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAYEMBED_CACHE", str(REPO / ".cache" / "rayembed"))
 BUCKET = "rayembed-bench"
 WORDS = ["wing", "lift", "bread", "oven", "chess", "rook", "river", "delta", "engine", "valve", "stone", "glass"]
 

@@ -27,12 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RAYEMBED_CACHE", str(REPO / ".cache" / "rayembed"))
+from _common import REPO  # sets the environment before Ray or rayembed load
+
 DEMO = REPO / "jobs" / "configs" / "local" / "demo.yaml"
 MODES = ("json_schema", "json_object", "off")
 

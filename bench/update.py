@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAYEMBED_CACHE", str(REPO / ".cache" / "rayembed"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import REPO  # sets the environment before Ray or rayembed load
 
 
 def docs(n: int, tag: str = "") -> list[dict]:
