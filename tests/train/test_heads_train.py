@@ -7,15 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DOCS, NEGS, QUERIES, contrastive_batch
 from rayembed.config import ConfigError, load_config
 from rayembed.modeling.embedder import Embedder
 from rayembed.modeling.heads import HEADS_FILE, maxsim, sparse_scores
 from rayembed.train.engine import DDPEngine
 from rayembed.train.tasks import ContrastiveTask, MNTPTask
 
-QUERIES = [f"question number {i} about topic {i % 3}" for i in range(8)]
-DOCS = [f"passage {i} answers topic {i % 3} in detail" for i in range(8)]
-NEGS = [f"unrelated text {i}" for i in range(8)]
 TAU = 0.05
 
 
@@ -28,16 +26,6 @@ def _cfg(*over: str):
         "train.max_steps=20", "train.warmup_steps=0", "train.lr=0.002", f"train.temperature={TAU}",
     ]
     return load_config(None, base + list(over))
-
-
-def _batch(emb):
-    q = emb.tokenize(QUERIES, max_length=32)
-    d = emb.tokenize(DOCS + NEGS, max_length=32)
-    return {
-        "q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
-        "d_input_ids": d["input_ids"], "d_attention_mask": d["attention_mask"],
-        "id": [str(i) for i in range(8)], "num_tokens": 0,
-    }
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -54,7 +42,7 @@ def test_joint_loss_is_the_weighted_sum_of_the_heads(tmp_path):
         w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
         emb.sparse_head.linear.bias.fill_(0.3)
     engine = DDPEngine(task.model, cfg.train, torch.device("cpu"))
-    out = task.step(engine, _batch(emb))
+    out = task.step(engine, contrastive_batch(emb))
     engine.optimizer.zero_grad(set_to_none=True)
 
     # The same scores by hand, from the inference API and the numpy scoring functions.
@@ -86,7 +74,7 @@ def test_training_with_heads_learns_and_exports(tmp_path):
     emb = task.embedder
     heads_before = {k: v.clone() for k, v in emb._heads_state().items()}
     engine = DDPEngine(task.model, cfg.train, torch.device("cpu"))
-    batch = _batch(emb)
+    batch = contrastive_batch(emb)
     outs = []
     for _ in range(6):
         outs.append(task.step(engine, batch))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import contrastive_batch
 from rayembed.config import load_config
 from rayembed.train.engine import DDPEngine
 from rayembed.train.tasks import ContrastiveTask, length_buckets
@@ -47,11 +48,9 @@ def _task(buckets: int, attention: str) -> ContrastiveTask:
 def test_buckets_give_the_same_loss_and_gradients_for_fewer_tokens(attention):
     whole, bucketed = _task(1, attention), _task(4, attention)
     bucketed.model.load_state_dict(whole.model.state_dict())
-    q = whole.embedder.tokenize(QUERIES, max_length=32)
-    d = whole.embedder.tokenize(DOCS, max_length=48)
-    batch = {"q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
-             "d_input_ids": d["input_ids"], "d_attention_mask": d["attention_mask"],
-             "id": [str(i) for i in range(8)], "num_tokens": 0}
+    batch = contrastive_batch(whole.embedder, QUERIES, DOCS, query_len=32, doc_len=48)
+    q = {k[2:]: batch[k] for k in ("q_input_ids", "q_attention_mask")}
+    d = {k[2:]: batch[k] for k in ("d_input_ids", "d_attention_mask")}
     padded = q["input_ids"].numel() + d["input_ids"].numel()
     outs, grads = [], []
     for task in (whole, bucketed):

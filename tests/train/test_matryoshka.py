@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DOCS, NEGS, QUERIES, contrastive_batch
 from rayembed.config import ConfigError, load_config
 from rayembed.losses import matryoshka_info_nce
 from rayembed.modeling.embedder import Embedder
 from rayembed.train.engine import DDPEngine
 from rayembed.train.tasks import ContrastiveTask
 
-QUERIES = [f"question number {i} about topic {i % 3}" for i in range(8)]
-DOCS = [f"passage {i} answers topic {i % 3} in detail" for i in range(8)]
-NEGS = [f"unrelated text {i}" for i in range(8)]
 TAU = 0.05
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: threads only spin on a loaded machine
@@ -33,16 +31,6 @@ def _cfg(*over: str):
         "train.lr=0.002", f"train.temperature={TAU}",
     ]
     return load_config(None, base + list(over))
-
-
-def _batch(emb):
-    q = emb.tokenize(QUERIES, max_length=32)
-    d = emb.tokenize(DOCS + NEGS, max_length=32)
-    return {
-        "q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
-        "d_input_ids": d["input_ids"], "d_attention_mask": d["attention_mask"],
-        "id": [str(i) for i in range(8)], "num_tokens": 0,
-    }
 
 
 def _hand_info_nce(q: np.ndarray, d: np.ndarray, tau: float, offset: int = 0) -> float:
@@ -95,7 +83,7 @@ def test_training_step_loss_matches_the_embedder_vectors_and_gradcache():
     task, chunked = ContrastiveTask(cfg, dev), ContrastiveTask(cfg_chunk, dev)
     chunked.model.load_state_dict(task.model.state_dict())
     emb = task.embedder
-    batch = _batch(emb)
+    batch = contrastive_batch(emb)
     engine = DDPEngine(task.model, cfg.train, dev)
     out = task.step(engine, batch)
     grads = {n: p.grad.detach().clone() for n, p in task.model.named_parameters() if p.grad is not None}

@@ -7,13 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DOCS, contrastive_batch
 from rayembed.config import load_config
 from rayembed.train.engine import DDPEngine, lr_factor
 from rayembed.train.tasks import ContrastiveTask, MNTPTask, SimCSETask, mntp_mask
-
-QUERIES = [f"question number {i} about topic {i % 3}" for i in range(8)]
-DOCS = [f"passage {i} answers topic {i % 3} in detail" for i in range(8)]
-NEGS = [f"unrelated text {i}" for i in range(8)]
 
 
 def _cfg(*over: str):
@@ -24,16 +21,6 @@ def _cfg(*over: str):
         "train.temperature=0.05",
     ]
     return load_config(None, base + list(over))
-
-
-def _batch(emb):
-    q = emb.tokenize(QUERIES, max_length=32)
-    d = emb.tokenize(DOCS + NEGS, max_length=32)
-    return {
-        "q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
-        "d_input_ids": d["input_ids"], "d_attention_mask": d["attention_mask"],
-        "id": [str(i) for i in range(8)], "num_tokens": 0,
-    }
 
 
 def _grads(task, engine, batch):
@@ -53,7 +40,7 @@ def test_gradcache_gradients_equal_unchunked():
     task_full = cls(cfg_full, dev)
     task_chunk = cls(cfg_chunk, dev)
     task_chunk.model.load_state_dict(task_full.model.state_dict())
-    batch = _batch(task_full.embedder)
+    batch = contrastive_batch(task_full.embedder)
     g_full = _grads(task_full, DDPEngine(task_full.model, cfg_full.train, dev), batch)
     g_chunk = _grads(task_chunk, DDPEngine(task_chunk.model, cfg_chunk.train, dev), batch)
     assert g_full and g_full.keys() == g_chunk.keys()
@@ -71,7 +58,7 @@ def test_gradcache_replay_reproduces_dropout_masks():
 
     cfg = _cfg("train.mode=simcse", "train.simcse_dropout=0.3")
     task = SimCSETask(cfg, torch.device("cpu"))
-    batch = _batch(task.embedder)
+    batch = contrastive_batch(task.embedder)
     ids, mask = batch["d_input_ids"][:4], batch["d_attention_mask"][:4]
     rnd = RandContext(ids, mask)
     first = task.embedder(ids, mask)
@@ -95,7 +82,7 @@ def _run_steps(task, cfg, batch, steps):
 def test_simcse_runs_and_views_differ():
     cfg = _cfg("train.mode=simcse", "train.simcse_dropout=0.3")
     task = SimCSETask(cfg, torch.device("cpu"))
-    batch = _batch(task.embedder)
+    batch = contrastive_batch(task.embedder)
     ids, mask = batch["d_input_ids"][:8], batch["d_attention_mask"][:8]
     a, b = task.model(ids, mask, ids, mask)  # dropout on: two different views
     assert not torch.allclose(a, b)
@@ -109,7 +96,7 @@ def test_mntp_masks_learns_and_exports(tmp_path):
 
     cfg = _cfg("train.mode=mntp", "train.mntp_mask_rate=0.3", "model.lora.dropout=0.0")
     task = MNTPTask(cfg, torch.device("cpu"))
-    batch = _batch(Embedder.from_pretrained("tiny-llama", max_length=64))
+    batch = contrastive_batch(Embedder.from_pretrained("tiny-llama", max_length=64))
     ids, mask = batch["d_input_ids"][:8], batch["d_attention_mask"][:8]
     masked, labels = mntp_mask(ids, mask, task.mask_id, 0.3, task.special_ids, torch.Generator().manual_seed(0))
     chosen = labels != -100
@@ -136,7 +123,7 @@ def test_supervised_lora_on_merged_mntp_names_that_base(tmp_path):
     mntp_dir = MNTPTask(cfg, torch.device("cpu")).export(tmp_path / "mntp")
     cfg2 = _cfg(f"model.name_or_path={mntp_dir}")
     task = ContrastiveTask(cfg2, torch.device("cpu"))
-    _run_steps(task, cfg2, _batch(task.embedder), 2)
+    _run_steps(task, cfg2, contrastive_batch(task.embedder), 2)
     out = task.export(tmp_path / "e5")
     emb = Embedder.from_pretrained(out)
     assert emb.config.attention == "bidirectional"
