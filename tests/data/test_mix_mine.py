@@ -127,6 +127,20 @@ def test_false_negative_filter_drops_candidates_near_the_positives_score():
     assert stats["rows_mined"] == 3 and stats["false_negatives_dropped"] >= 3
 
 
+def test_a_query_without_bm25_tokens_gets_no_negatives_and_the_rest_are_mined():
+    # "and then, is it?" is stopwords and punctuation only: BM25 has nothing to rank it by.
+    rows = [make_row(instruction="i", query=q, task_type="retrieval", source="s", positive=p)
+            for q, p in (("and then, is it?", "a passage about nothing in particular"),
+                         ("brass valve repair", "brass valve repair guide"))]
+    extra = ["brass valve catalogue", "steel valve catalogue", "an unrelated text"]
+    stats: dict = {}
+    mined = mine_negatives(rows, retriever="bm25", top_k=10, num_negatives=2, seed=0, extra_docs=extra,
+                           max_positive_ratio=0.95, stats=stats)
+    assert mined[0]["negatives"] == []
+    assert len(mined[1]["negatives"]) == 2 and "brass valve repair guide" not in mined[1]["negatives"]
+    assert stats["rows_mined"] == 2 and stats["rows_short"] == 1
+
+
 def test_data_build_mines_sources_that_lack_negatives(tmp_path):
     a = _pairs_file(tmp_path / "a.jsonl", 40, "alpha")
     b = _pairs_file(tmp_path / "b.jsonl", 40, "beta")

@@ -45,15 +45,23 @@ def _bm25_search(docs: list[str], queries: list[str], k: int,
     retriever.index(bm25s.tokenize(docs, stopwords="en", show_progress=False), show_progress=False)
     k = min(k, len(docs))
     tokens = bm25s.tokenize(queries, stopwords="en", show_progress=False, return_ids=False)
-    ids, scores = retriever.retrieve(tokens, k=k, show_progress=False)
+    # A query of stopwords or punctuation only has no BM25 token: BM25 ranks nothing for it, so it
+    # gets no candidates (id -1) and its row stays short of negatives (bm25s fails on it besides).
+    ids = np.full((len(queries), k), -1, np.int64)
+    scores = np.zeros((len(queries), k), np.float32)
+    has = [i for i, t in enumerate(tokens) if t]
+    if has:
+        got_ids, got_scores = retriever.retrieve([tokens[i] for i in has], k=k, show_progress=False)
+        ids[has], scores[has] = got_ids, got_scores
     by_query: dict[int, list[int]] = defaultdict(list)
     for n, (qi, _) in enumerate(pairs):
         by_query[qi].append(n)
     pair_scores = np.zeros(len(pairs), np.float32)
     for qi, ns in by_query.items():
-        row = retriever.get_scores(tokens[qi])  # (n_docs,): the same scoring as retrieve
-        pair_scores[ns] = row[[pairs[n][1] for n in ns]]
-    return np.asarray(ids), np.asarray(scores, np.float32), pair_scores
+        if tokens[qi]:
+            row = retriever.get_scores(tokens[qi])  # (n_docs,): the same scoring as retrieve
+            pair_scores[ns] = row[[pairs[n][1] for n in ns]]
+    return ids, scores, pair_scores
 
 
 def _dense_search(docs: list[str], queries: list[str], instructions: list[str], k: int, retriever: str,
