@@ -150,8 +150,9 @@ class EvalConfig:
     )
     query_instructions: Literal["auto", "always", "never"] = option(
         "auto",
-        "Instruct queries? auto: decoder embedders (the E5-mistral recipe) yes, encoders such as "
-        "all-MiniLM-L6-v2 (trained without instructions) no.",
+        "Instruct queries? auto: as the embedder was trained when its folder records it "
+        "(data.stream.instructions); else decoder embedders (the E5-mistral recipe) yes, encoders "
+        "such as all-MiniLM-L6-v2 (trained without instructions) no.",
     )
     top_k: int = option(1000, "Search depth per query (hits fed to the metrics; MAP uses all of them).")
     batch_size: int = option(32, "Encoding batch size (texts).")

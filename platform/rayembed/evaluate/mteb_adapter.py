@@ -78,7 +78,7 @@ class MTEBEncoder:
         self.embedder = embedder
         self.batch_size = batch_size
         self.instructions = dict(instructions or {})
-        self.instruct = bool(embedder.config.is_decoder) if instruct is None else instruct
+        self.instruct = embedder.takes_instructions if instruct is None else instruct
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> MTEBEncoder:

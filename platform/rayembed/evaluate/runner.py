@@ -105,7 +105,7 @@ def load_retriever(
                 f"a Hugging Face folder, a registered name (e.g. all-minilm-l6-v2, smollm2-135m) or 'bm25'."
             ) from e
     if query_instructions == "auto":
-        instruct = bool(emb.config.is_decoder)
+        instruct = emb.takes_instructions
     else:
         instruct = query_instructions == "always"
     return DenseRetriever(emb, instruct=instruct, batch_size=batch_size, max_length=max_length,

@@ -128,6 +128,9 @@ class EmbedderConfig:
     # Matryoshka: the truncated sizes it was trained for (train.matryoshka_dims), increasing and
     # below dim; a prefix of that length, re-normalised, is a usable vector. None: full size only.
     matryoshka_dims: list[int] | None = None
+    # Whether contrastive training put the task instruction on its queries (data.stream.instructions).
+    # None: not recorded (a base model, an older folder); then decoders take one, encoders not.
+    query_instructions: bool | None = None
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -327,6 +330,13 @@ class Embedder(HeadsMixin, torch.nn.Module):
         return self._base_model().config
 
     # The text side (rayembed.modeling.tokenization), also reachable on the embedder itself.
+
+    @property
+    def takes_instructions(self) -> bool:
+        """Whether queries should get a task instruction: as trained when the folder records it,
+        else yes for decoders (the E5-mistral recipe), no for encoders such as all-MiniLM-L6-v2."""
+        recorded = self.config.query_instructions
+        return bool(self.config.is_decoder) if recorded is None else bool(recorded)
 
     def format_query(self, text: str, instruction: str) -> str:
         return self.text.format_query(text, instruction)

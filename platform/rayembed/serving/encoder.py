@@ -215,6 +215,11 @@ class QueryEncoder:
         self.embedder_path = embedder
         self.emb = Embedder.from_pretrained(embedder)
         self._identity = self.emb.identity()
+        if cfg.default_instruction and self.emb.config.query_instructions is False:
+            logger.warning(
+                "serve.default_instruction is set, but %s was trained without query instructions "
+                "(data.stream.instructions=false): /search will put one on every query. Set "
+                "serve.default_instruction= (empty) to encode queries as the model was trained.", embedder)
         _BUDGET.update(texts=cfg.max_batch_size, chars=cfg.max_batch_chars)
         self._batcher = ContinuousBatcher(self._run_batch, cfg.batch_wait_timeout_s)
         self.stats_ = BatchStats()

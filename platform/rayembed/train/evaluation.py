@@ -51,7 +51,7 @@ class TrainingEvaluator:
         emb.eval()
         try:
             with engine.full_parameters():
-                run = DenseRetriever(emb, batch_size=16).search(self.data, k=100)
+                run = DenseRetriever(emb, instruct=emb.takes_instructions, batch_size=16).search(self.data, k=100)
         finally:
             emb.train(was_training)
         scores = retrieval_metrics(self.data.qrels, run)

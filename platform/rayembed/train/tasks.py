@@ -171,6 +171,8 @@ class ContrastiveTask:
         self.matryoshka_dims = _check_matryoshka(tc, self.embedder.dim)
         # The folder records the sizes this stage trained (none: an earlier stage's no longer hold).
         self.embedder.config.matryoshka_dims = self.matryoshka_dims or None
+        if tc.mode == "contrastive":  # evaluation and serving then encode queries as trained
+            self.embedder.config.query_instructions = bool(cfg.data.stream.instructions)
         self._parts: dict[str, float] = {}  # the last step's per-size losses (Matryoshka)
         self.embedder.train()
         buckets = tc.length_buckets
