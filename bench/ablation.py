@@ -10,10 +10,12 @@ collections:
     without synthetic rows   drops every LLM-written row (the task rows and the corpus queries)
     without corpus-queries   drops the corpus-queries rows only
     without mined negatives  data.mine.in_build=false (rows keep only the negatives they came with)
-    without the instruction  data.stream.instructions=false, evaluated without instructions too
+    without the instruction  data.stream.instructions=false; the saved model records it, so
+                             evaluation (query_instructions: auto) leaves its queries bare too
 
     python bench/ablation.py --synth runs/demo/synth                     # whole collections
     python bench/ablation.py --synth runs/demo/synth --steps 20 --max-docs 500 --max-queries 30
+    python bench/ablation.py --only "all data" --set train.precision=bf16   # one row, bf16 training
 
 Training runs as the demo trains (2 DDP workers of one thread each); evaluation encodes under the
 demo's bf16 autocast. BM25 and the untuned model are evaluated once as reference rows
@@ -49,7 +51,7 @@ VARIANTS = {
     "without synthetic rows": {"drop": ("synthetic", "corpus-queries")},
     "without corpus-queries": {"drop": ("corpus-queries",)},
     "without mined negatives": {"overrides": ["data.mine.in_build=false"]},
-    "without the instruction": {"overrides": ["data.stream.instructions=false"], "eval_instructions": "never"},
+    "without the instruction": {"overrides": ["data.stream.instructions=false"]},
 }
 
 
@@ -94,7 +96,7 @@ def train_variant(name: str, variant: dict, synth: dict[str, Path], args, work: 
         f"train.checkpoint_every={args.steps}", "train.log_every=10", "train.engine=ddp",
         f"train.cpus_per_worker={args.cpus_per_worker}", "compute.num_cpus=4", "compute.object_store_memory_mb=512",
         f"compute.temp_dir={tempfile.mkdtemp(prefix='ab', dir='/tmp')}",
-        *variant.get("overrides", []),
+        *args.set, *variant.get("overrides", []),
     ])
     done = run_dir / "trained.json"  # a row trained by an earlier, interrupted run of this script
     if done.is_file() and (run_dir / "train" / "model" / "embedder_config.json").is_file():
@@ -150,6 +152,8 @@ def main() -> int:
     p.add_argument("--max-docs", type=int, default=0, help="slice each corpus (0: the whole collection)")
     p.add_argument("--max-queries", type=int, default=0, help="first N judged queries (0: all)")
     p.add_argument("--only", action="append", default=[], help="run only these rows (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every trained row (repeatable), e.g. train.precision=bf16")
     p.add_argument("--work-dir", default=None)
     args = p.parse_args()
 
@@ -172,7 +176,7 @@ def main() -> int:
         print(f"\n=== {name}", flush=True)
         model_dir, info = train_variant(name, variant, synth, args, work)
         if "ndcg@10" not in info:  # a reused row keeps its evaluation too
-            info["ndcg@10"] = evaluate(model_dir, args, variant.get("eval_instructions", "auto"))
+            info["ndcg@10"] = evaluate(model_dir, args, "auto")
             atomic_write_json(work / name.replace(" ", "-") / "trained.json", info)
         if same and len(same) == len(variant.get("drop", ())):
             info["note"] = f"the synth run has no {', '.join(same)} rows: same data as 'all data'"
@@ -187,6 +191,7 @@ def main() -> int:
                                                                 ("max_queries", args.max_queries)) if v)
     print(f"\nAblation: {args.model}, LoRA, {args.steps} steps of {args.batch_size} on {args.workers} workers, "
           f"seed {args.seed}, evaluation autocast {args.autocast}"
+          f"{', ' + ', '.join(args.set) if args.set else ''}"
           f"{' (' + sliced + ')' if args.max_docs or args.max_queries else ' (whole collections)'}\n")
     base = results["rows"].get("all data", {}).get("ndcg@10")
     print("| data | train rows | mined | train s | MS MARCO nDCG@10 | Cranfield nDCG@10 | Δ vs all (mean) |")
