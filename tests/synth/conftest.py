@@ -1,4 +1,4 @@
-"""Fixtures for synth tests: a scripted OpenAI-compatible server on 127.0.0.1 and config helpers."""
+"""Fixtures for synth tests: a scripted OpenAI-compatible server on 127.0.0.1 (helpers: synth_helpers.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from scripted_server import Reply, ScriptedLLM  # noqa: E402
-
-API_KEY = "sk-test-NEVER-WRITE-THIS-0123456789"
+from scripted_server import ScriptedLLM  # noqa: E402
+from synth_helpers import API_KEY  # noqa: E402
 
 
 @pytest.fixture
@@ -27,25 +26,6 @@ def scripted_llm():
 def api_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     return API_KEY
-
-
-def synth_cfg(tmp_path: Path, base_url: str, *overrides: str):
-    """A small synth config pointed at ``base_url``, with fast retries."""
-    from rayembed.config import load_config
-
-    return load_config(
-        None,
-        [
-            f"run_dir={tmp_path}",
-            f"synth.base_url={base_url}",
-            "synth.model=scripted",
-            "synth.backoff_base_s=0.05",
-            "synth.backoff_max_s=0.2",
-            "synth.request_timeout_s=5",
-            "synth.num_examples={sts: 4}",
-            *overrides,
-        ],
-    )
 
 
 @pytest.fixture
@@ -65,5 +45,3 @@ def make_worker():
     for w in workers:
         w.close()
 
-
-__all__ = ["API_KEY", "Reply", "ScriptedLLM", "synth_cfg"]

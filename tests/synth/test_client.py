@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import API_KEY, Reply, synth_cfg
+from synth_helpers import API_KEY, Reply, synth_cfg
 
 OK = {"S1": "A cat sleeps on the mat.", "S2": "A cat is asleep on a rug.", "S3": "Dogs bark at night."}
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
+from synth_helpers import Reply, synth_cfg
 
-from conftest import Reply, synth_cfg
 from rayembed.config import ConfigError
 
 TOPICS = {

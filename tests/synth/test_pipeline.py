@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
+from synth_helpers import API_KEY, Reply, synth_cfg
 
-from conftest import API_KEY, Reply, synth_cfg
 from rayembed.config import ConfigError
 from rayembed.data.schema import SCHEMA
 

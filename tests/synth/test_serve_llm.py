@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import jsonschema
 import pytest
-
-from conftest import synth_cfg
+from synth_helpers import synth_cfg
 
 MAX_BODY = 16 * 1024
 MAX_INPUT_TOKENS = 256

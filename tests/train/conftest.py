@@ -7,23 +7,6 @@ from pathlib import Path
 
 import pytest
 
-# Eight queries, their positives, then eight negatives: the in-process step tests' batch.
-QUERIES = [f"question number {i} about topic {i % 3}" for i in range(8)]
-DOCS = [f"passage {i} answers topic {i % 3} in detail" for i in range(8)]
-NEGS = [f"unrelated text {i}" for i in range(8)]
-
-
-def contrastive_batch(emb, queries=QUERIES, docs=DOCS + NEGS, query_len: int = 32, doc_len: int = 32) -> dict:
-    """A training batch as the token stream delivers it: padded queries, then positives and
-    negatives as one padded document group."""
-    q = emb.tokenize(queries, max_length=query_len)
-    d = emb.tokenize(docs, max_length=doc_len)
-    return {
-        "q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
-        "d_input_ids": d["input_ids"], "d_attention_mask": d["attention_mask"],
-        "id": [str(i) for i in range(len(queries))], "num_tokens": 0,
-    }
-
 
 def write_crop_pairs(data_dir: Path, out: Path, n_rows: int, n_files: int = 2) -> list[dict]:
     """Unified-schema rows from real passages: the first sentence is the query, the rest the

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from step_batches import DOCS, NEGS, QUERIES, contrastive_batch
 
-from conftest import DOCS, NEGS, QUERIES, contrastive_batch
 from rayembed.config import ConfigError, load_config
 from rayembed.modeling.embedder import Embedder
 from rayembed.modeling.heads import HEADS_FILE, maxsim, sparse_scores

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from step_batches import contrastive_batch
 
-from conftest import contrastive_batch
 from rayembed.config import load_config
 from rayembed.train.engine import DDPEngine
 from rayembed.train.tasks import ContrastiveTask, length_buckets

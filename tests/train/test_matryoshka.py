@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from step_batches import DOCS, NEGS, QUERIES, contrastive_batch
 
-from conftest import DOCS, NEGS, QUERIES, contrastive_batch
 from rayembed.config import ConfigError, load_config
 from rayembed.losses import matryoshka_info_nce
 from rayembed.modeling.embedder import Embedder

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from step_batches import DOCS, contrastive_batch
 
-from conftest import DOCS, contrastive_batch
 from rayembed.config import load_config
 from rayembed.train.engine import DDPEngine, lr_factor
 from rayembed.train.tasks import ContrastiveTask, MNTPTask, SimCSETask, mntp_mask
